@@ -1,0 +1,73 @@
+"""Helpers every benchmark uses: peak extra memory, the machine's floors, throughput bookkeeping."""
+from __future__ import annotations
+
+import functools
+import gc
+import re
+import time
+
+import torch
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak memory `fn()` allocates above what is live before it (its inputs), in bytes.
+
+    CUDA: the caching allocator's peak. CPU: the process's resident high-water mark, reset
+    through /proc/self/clear_refs (Linux), so run nothing else in the process meanwhile.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = _proc_status_bytes("VmRSS")
+        out = fn()
+        peak = _proc_status_bytes("VmHWM") - base
+    del out
+    gc.collect()
+    return max(peak, 0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, device, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def machine_floors(device_type: str) -> dict:
+    """Measured once per session: read bandwidth (GB/s) and fp32/bf16 matmul rates (TFLOP/s)."""
+    device = torch.device(device_type)
+    x = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()  # 256 MiB
+    read_s = _median_time(lambda: x.sum(), device)
+    y = torch.empty_like(x)
+    copy_s = _median_time(lambda: y.copy_(x), device)
+    floors = {"read_GBps": x.nbytes / read_s / 1e9, "copy_GBps": 2 * x.nbytes / copy_s / 1e9}
+    n = 4096 if device_type == "cuda" else 1024
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        t = _median_time(lambda: a @ a, device)
+        floors[f"{str(dtype).replace('torch.', '')}_matmul_TFLOPs"] = 2 * n**3 / t / 1e12
+    return floors

@@ -1,0 +1,60 @@
+"""Boundary checks shared by every op: each raises `ValueError` naming the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_tensor(name: str, t, *, dtypes=None, ndim=None, min_ndim=None) -> None:
+    """`t` is a tensor, of one of `dtypes`, with exactly `ndim` / at least `min_ndim` dims."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_float(name: str, t, **kw) -> None:
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, **kw)
+
+
+def check_index(name: str, t, **kw) -> None:
+    check_tensor(name, t, dtypes=INDEX_DTYPES, **kw)
+
+
+def check_same_device(**tensors) -> None:
+    """All given tensors (None skipped) live on one device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: put them on one device")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
+
+
+def check_ids_in_range(name: str, ids: torch.Tensor, vocab: int) -> None:
+    """Every entry of `ids` lies in [0, vocab). Costs one min/max reduction (a host sync)."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds {bad}, outside the vocabulary [0, {vocab})")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")

@@ -1,0 +1,1 @@
+"""PeBR-R1 on PeBR Engine: dataset-level sampling, perception GRPO, reasoning GRPO."""
