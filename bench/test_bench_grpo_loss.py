@@ -1,0 +1,59 @@
+"""grpo_loss forward + backward (old_logp, ref_logp, kl_coef=0.01, low_var_kl, token-mean), each
+backend against autograd through the reference, and the forward alone.
+
+Bytes the op must move: read logp, old_logp, ref_logp, advantages, mask once; write dlogp once.
+Run: pytest bench/test_bench_grpo_loss.py --benchmark-only
+"""
+import pytest
+import torch
+
+import engine
+import engine.ops as ops
+
+SHAPES = [(64, 2048), (512, 2048)]
+
+
+def _inputs(B, T, device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(B, T, generator=g) * 0.5 - 2).to(device=device, dtype=dtype)
+    old = (logp.float().cpu() + 0.1 * torch.randn(B, T, generator=g)).to(device=device, dtype=dtype)
+    ref = (logp.float().cpu() + 0.1 * torch.randn(B, T, generator=g)).to(device=device, dtype=dtype)
+    adv = torch.randn(B, generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) > 0.2).to(device)
+    return logp, adv, mask, old, ref
+
+
+def _bytes(logp, adv, mask, old, ref, *, backward):
+    moved = sum(t.numel() * t.element_size() for t in (logp, adv, mask, old, ref))
+    return moved + (logp.numel() * logp.element_size() if backward else 0)
+
+
+@pytest.mark.parametrize("B,T", SHAPES, ids=lambda v: str(v))
+def test_grpo_loss_fwd_bwd(benchmark, record, bench_backend, device, B, T):
+    logp, adv, mask, old, ref = _inputs(B, T, device)
+    x = logp.clone().requires_grad_()
+
+    def step():
+        x.grad = None
+        loss, _ = ops.grpo_loss(x, adv, mask, old_logp=old, ref_logp=ref, kl_coef=0.01)
+        loss.backward()
+        return x.grad
+
+    with engine.backend(bench_backend):
+        # many single-call rounds: the median then ignores calls stalled by other processes on the cores
+        benchmark.pedantic(step, rounds=100 if B <= 64 else 10, iterations=1, warmup_rounds=1)
+    record(benchmark, group=f"grpo_loss fwd+bwd B={B} T={T} float32", backend=bench_backend,
+           bytes=_bytes(logp, adv, mask, old, ref, backward=True))
+
+
+@pytest.mark.parametrize("B,T", SHAPES[:1], ids=lambda v: str(v))
+def test_grpo_loss_fwd(benchmark, record, bench_backend, device, B, T):
+    logp, adv, mask, old, ref = _inputs(B, T, device)
+
+    def fwd():
+        return ops.grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, kl_coef=0.01)
+
+    with engine.backend(bench_backend):
+        benchmark.pedantic(fwd, rounds=100, iterations=1, warmup_rounds=1)
+    record(benchmark, group=f"grpo_loss fwd B={B} T={T} float32", backend=bench_backend,
+           bytes=_bytes(logp, adv, mask, old, ref, backward=False))

@@ -1,0 +1,405 @@
+// GRPO on CUDA: group_advantages_fwd, grpo_loss_fwd, grpo_loss_bwd (schemas in csrc/ops.cpp).
+//
+// Deterministic, no float atomics:
+//   grpo_loss_fwd: kernel 1, one block per row; thread i takes tokens i, i + blockDim, ... and the
+//   block reduces its six sums (pg, kl, mask, clip-high hits, dual-clip hits, old - logp) with a
+//   fixed shared-memory tree into partials[6][B]. Kernel 2, one block: the same fixed pattern over
+//   rows (in double), then the aggregation (loss_agg), the metrics and each row's gradient weight.
+//   grpo_loss_bwd: elementwise, grid-stride, dlogp = g * row_weight[b] * mask * d(pg + c kl)/dlogp.
+//   group_advantages_fwd: one thread per group, its members in order; scale="batch" first runs a
+//   one-block fixed-tree reduction for the batch std.
+// Formulas and autograd conventions (clamp passes the gradient at its bounds, max/min split it on
+// ties): csrc/cpu/grpo.cpp and engine/reference.py.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#define GRPO_DISPATCH_FLOAT(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kNumSums = 6;
+enum KlType { kLowVarKl = 0, kK1 = 1, kAbs = 2, kMse = 3 };
+enum LossAgg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
+
+struct Params {
+  float lo, hi, dual, kl_coef;
+  bool has_dual, has_old, has_ref;
+  int kl_type;
+};
+
+int parse_kl_type(c10::string_view s) {
+  if (s == "low_var_kl") return kLowVarKl;
+  if (s == "kl") return kK1;
+  if (s == "abs") return kAbs;
+  if (s == "mse") return kMse;
+  TORCH_CHECK_VALUE(false, "kl_type must be one of low_var_kl, kl, abs, mse, got '", std::string(s), "'");
+  return -1;
+}
+
+int parse_loss_agg(c10::string_view s) {
+  if (s == "token-mean") return kTokenMean;
+  if (s == "seq-mean-token-mean") return kSeqMeanTokenMean;
+  if (s == "seq-mean-token-sum") return kSeqMeanTokenSum;
+  if (s == "seq-mean-token-sum-norm") return kSeqMeanTokenSumNorm;
+  TORCH_CHECK_VALUE(false, "loss_agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, ",
+                    "seq-mean-token-sum-norm, got '", std::string(s), "'");
+  return -1;
+}
+
+bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+void check_inputs(const at::Tensor& logp, const at::Tensor& adv, const at::Tensor& mask,
+                  const std::optional<at::Tensor>& old, const std::optional<at::Tensor>& ref, double clip_low,
+                  double clip_high, std::optional<double> dual_clip) {
+  TORCH_CHECK_VALUE(logp.dim() == 2, "logp must be [B, T], got ", logp.sizes());
+  TORCH_CHECK_VALUE(is_float_dtype(logp.scalar_type()), "logp must be float32/bfloat16/float16, got ", logp.scalar_type());
+  TORCH_CHECK_VALUE(logp.is_contiguous() && logp.is_cuda(), "logp must be a contiguous CUDA tensor");
+  const int64_t B = logp.size(0), T = logp.size(1);
+  TORCH_CHECK_VALUE(adv.scalar_type() == at::kFloat, "advantages must be float32, got ", adv.scalar_type());
+  TORCH_CHECK_VALUE((adv.dim() == 1 && adv.size(0) == B) || (adv.dim() == 2 && adv.size(0) == B && adv.size(1) == T),
+                    "advantages must be [B] or [B, T] with B, T = ", B, ", ", T, ", got ", adv.sizes());
+  TORCH_CHECK_VALUE(adv.is_contiguous() && adv.device() == logp.device(), "advantages must be contiguous, on logp's device");
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T, "mask must be [B, T] like logp, got ",
+                    mask.sizes());
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat, "mask must be bool or float32, got ",
+                    mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.is_contiguous() && mask.device() == logp.device(), "mask must be contiguous, on logp's device");
+  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>*>{"old_logp", &old},
+                                {"ref_logp", &ref}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& x = t->value();
+    TORCH_CHECK_VALUE(x.sizes() == logp.sizes(), name, " must be [B, T] like logp, got ", x.sizes());
+    TORCH_CHECK_VALUE(x.scalar_type() == logp.scalar_type(), name, " must have logp's dtype");
+    TORCH_CHECK_VALUE(x.is_contiguous() && x.device() == logp.device(), name, " must be contiguous, on logp's device");
+  }
+  TORCH_CHECK_VALUE(clip_low >= 0.0 && clip_low < 1.0, "clip_low must lie in [0, 1), got ", clip_low);
+  TORCH_CHECK_VALUE(clip_high >= 0.0 && std::isfinite(clip_high), "clip_high must be finite and >= 0, got ", clip_high);
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || (*dual_clip > 1.0 && std::isfinite(*dual_clip)),
+                    "dual_clip must be finite and > 1, or None");
+}
+
+Params make_params(double clip_low, double clip_high, std::optional<double> dual_clip, double kl_coef, int kl_type,
+                   bool has_old, bool has_ref) {
+  Params p;
+  p.lo = static_cast<float>(1.0 - clip_low);
+  p.hi = static_cast<float>(1.0 + clip_high);
+  p.has_dual = dual_clip.has_value();
+  p.dual = p.has_dual ? static_cast<float>(*dual_clip) : 0.f;
+  p.kl_coef = static_cast<float>(kl_coef);
+  p.has_old = has_old;
+  p.has_ref = has_ref;
+  p.kl_type = kl_type;
+  return p;
+}
+
+__device__ __forceinline__ float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+// One token: pg (after the dual clip), clip hits, kl; and d(pg + kl_coef kl)/dlogp when grad != nullptr.
+__device__ __forceinline__ void token(float lp, float old, float ref, float a, const Params& p, float* pg_out,
+                                      float* kl_out, float* high, float* low, float* grad) {
+  const float lr = lp - old;
+  const float ratio = expf(clampf(lr, -20.f, 20.f));
+  const float pg1 = -a * ratio;
+  const float pg2 = -a * clampf(ratio, p.lo, p.hi);
+  float pg = fmaxf(pg1, pg2);
+  const float g1 = (lr >= -20.f && lr <= 20.f) ? -a * ratio : 0.f;
+  const float g2 = (ratio >= p.lo && ratio <= p.hi) ? g1 : 0.f;
+  float g = pg1 > pg2 ? g1 : (pg1 < pg2 ? g2 : 0.5f * (g1 + g2));
+  *high = pg1 < pg2 ? 1.f : 0.f;
+  *low = 0.f;
+  if (p.has_dual && a < 0.f) {
+    const float pg3 = -a * p.dual;
+    *low = pg > pg3 ? 1.f : 0.f;
+    g = pg > pg3 ? 0.f : (pg < pg3 ? g : 0.5f * g);
+    pg = fminf(pg, pg3);
+  }
+  float kl = 0.f, dkl = 0.f;
+  if (p.has_ref) {
+    if (p.kl_type == kLowVarKl) {
+      const float draw = ref - lp;
+      const float d = clampf(draw, -20.f, 20.f);
+      const float e = expf(d);
+      const float k = e - d - 1.f;
+      kl = clampf(k, -10.f, 10.f);
+      dkl = (draw >= -20.f && draw <= 20.f && k >= -10.f && k <= 10.f) ? 1.f - e : 0.f;
+    } else if (p.kl_type == kK1) {
+      kl = lp - ref;
+      dkl = 1.f;
+    } else if (p.kl_type == kAbs) {
+      const float diff = lp - ref;
+      kl = fabsf(diff);
+      dkl = diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f);
+    } else {
+      const float diff = lp - ref;
+      kl = 0.5f * (diff * diff);
+      dkl = diff;
+    }
+  }
+  *pg_out = pg;
+  *kl_out = kl;
+  if (grad != nullptr) *grad = p.has_ref ? g + p.kl_coef * dkl : g;
+}
+
+template <typename T>
+__device__ __forceinline__ void block_sum(T (&v)[kNumSums], T (*sh)[kThreads]) {
+  // fixed tree: the same additions in the same order on every run
+  const int tid = threadIdx.x;
+  for (int k = 0; k < kNumSums; ++k) sh[k][tid] = v[k];
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (tid < s)
+      for (int k = 0; k < kNumSums; ++k) sh[k][tid] += sh[k][tid + s];
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+__global__ void grpo_loss_fwd_rows_kernel(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ old,
+                                          const scalar_t* __restrict__ ref, const float* __restrict__ adv,
+                                          bool adv_per_token, const mask_t* __restrict__ mask, int64_t B, int64_t T,
+                                          Params p, float* __restrict__ part) {
+  __shared__ float sh[kNumSums][kThreads];
+  const int64_t b = blockIdx.x;
+  if (b >= B) return;
+  const int64_t row = b * T;
+  float s[kNumSums] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t t = threadIdx.x; t < T; t += kThreads) {
+    const float l = static_cast<float>(logp[row + t]);
+    const float o = p.has_old ? static_cast<float>(old[row + t]) : l;
+    const float r = p.has_ref ? static_cast<float>(ref[row + t]) : l;
+    const float a = adv_per_token ? adv[row + t] : adv[b];
+    const float m = static_cast<float>(mask[row + t]);
+    float pg, kl, hi, lo;
+    token(l, o, r, a, p, &pg, &kl, &hi, &lo, nullptr);
+    s[0] += pg * m;
+    s[1] += kl * m;
+    s[2] += m;
+    s[3] += hi * m;
+    s[4] += lo * m;
+    s[5] += p.has_old ? (o - l) * m : 0.f;
+  }
+  block_sum<float>(s, sh);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < kNumSums; ++k) part[k * B + b] = sh[k][0];
+}
+
+__global__ void grpo_loss_finalize_kernel(const float* __restrict__ part, int64_t B, int64_t T, double kl_coef, int agg,
+                                          float* __restrict__ loss, float* __restrict__ metrics,
+                                          float* __restrict__ row_w) {
+  __shared__ double sh[kNumSums][kThreads];
+  // slots: 0 pg, 1 kl, 2 mask, 3 high, 4 low, 5 ppo; for seq modes slot 0 holds sum of w*(pg + c kl)
+  double s[kNumSums] = {0, 0, 0, 0, 0, 0};
+  const double Bd = static_cast<double>(B);
+  for (int64_t b = threadIdx.x; b < B; b += kThreads) {
+    const double pg = part[b], kl = part[B + b], n = part[2 * B + b];
+    if (agg != kTokenMean) {
+      double w;
+      if (agg == kSeqMeanTokenMean)
+        w = n > 0 ? 1.0 / (n * Bd) : 0.0;  // an empty row gives 0 and still counts in B
+      else if (agg == kSeqMeanTokenSum)
+        w = 1.0 / Bd;
+      else
+        w = T > 0 ? 1.0 / (static_cast<double>(T) * Bd) : 0.0;
+      row_w[b] = static_cast<float>(w);
+      s[0] += w * (pg + kl_coef * kl);
+    } else {
+      s[0] += pg;
+    }
+    s[1] += kl;
+    s[2] += n;
+    s[3] += part[3 * B + b];
+    s[4] += part[4 * B + b];
+    s[5] += part[5 * B + b];
+  }
+  block_sum<double>(s, sh);
+  const double n = sh[2][0];
+  const double inv = n > 0 ? 1.0 / n : 0.0;
+  if (agg == kTokenMean)
+    for (int64_t b = threadIdx.x; b < B; b += kThreads) row_w[b] = static_cast<float>(inv);
+  if (threadIdx.x == 0) {
+    loss[0] = static_cast<float>(agg == kTokenMean ? sh[0][0] * inv + kl_coef * (sh[1][0] * inv) : sh[0][0]);
+    metrics[0] = static_cast<float>(sh[3][0] * inv);
+    metrics[1] = static_cast<float>(sh[4][0] * inv);
+    metrics[2] = static_cast<float>(sh[5][0] * inv);
+    metrics[3] = static_cast<float>(sh[1][0] * inv);
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+__global__ void grpo_loss_bwd_kernel(const float* __restrict__ grad_loss, const scalar_t* __restrict__ logp,
+                                     const scalar_t* __restrict__ old, const scalar_t* __restrict__ ref,
+                                     const float* __restrict__ adv, bool adv_per_token, const mask_t* __restrict__ mask,
+                                     const float* __restrict__ row_w, int64_t B, int64_t T, Params p,
+                                     scalar_t* __restrict__ dlogp) {
+  const float g_up = grad_loss[0];
+  const int64_t n = B * T;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / T;
+    const float l = static_cast<float>(logp[i]);
+    const float o = p.has_old ? static_cast<float>(old[i]) : l;
+    const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
+    const float a = adv_per_token ? adv[i] : adv[b];
+    const float m = static_cast<float>(mask[i]);
+    float pg, kl, hi, lo, g;
+    token(l, o, r, a, p, &pg, &kl, &hi, &lo, &g);
+    dlogp[i] = static_cast<scalar_t>((g_up * row_w[b]) * m * g);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_cuda(
+    const at::Tensor& logp, const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& old_logp,
+    const std::optional<at::Tensor>& ref_logp, double clip_low, double clip_high, std::optional<double> dual_clip,
+    double kl_coef, c10::string_view kl_type, c10::string_view loss_agg) {
+  check_inputs(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip);
+  const Params p = make_params(clip_low, clip_high, dual_clip, kl_coef, parse_kl_type(kl_type), old_logp.has_value(),
+                               ref_logp.has_value());
+  const int agg = parse_loss_agg(loss_agg);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const auto f32 = logp.options().dtype(at::kFloat);
+  at::Tensor part = at::empty({kNumSums, std::max<int64_t>(B, 1)}, f32);
+  at::Tensor loss = at::empty({}, f32), metrics = at::empty({4}, f32), row_w = at::empty({B}, f32);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (B > 0) {
+    GRPO_DISPATCH_FLOAT(logp.scalar_type(), "grpo_loss_fwd_cuda", [&] {
+      const scalar_t* lp = logp.const_data_ptr<scalar_t>();
+      const scalar_t* op = old_logp.has_value() ? old_logp->const_data_ptr<scalar_t>() : lp;
+      const scalar_t* rp = ref_logp.has_value() ? ref_logp->const_data_ptr<scalar_t>() : lp;
+      const bool per_token = advantages.dim() == 2;
+      if (mask.scalar_type() == at::kBool)
+        grpo_loss_fwd_rows_kernel<scalar_t, bool><<<B, kThreads, 0, stream>>>(
+            lp, op, rp, advantages.const_data_ptr<float>(), per_token, mask.const_data_ptr<bool>(), B, T, p,
+            part.data_ptr<float>());
+      else
+        grpo_loss_fwd_rows_kernel<scalar_t, float><<<B, kThreads, 0, stream>>>(
+            lp, op, rp, advantages.const_data_ptr<float>(), per_token, mask.const_data_ptr<float>(), B, T, p,
+            part.data_ptr<float>());
+    });
+  }
+  grpo_loss_finalize_kernel<<<1, kThreads, 0, stream>>>(part.const_data_ptr<float>(), B, T,
+                                                         ref_logp.has_value() ? kl_coef : 0.0, agg, loss.data_ptr<float>(),
+                                                         metrics.data_ptr<float>(), row_w.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, metrics, row_w};
+}
+
+at::Tensor grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& advantages,
+                              const at::Tensor& mask, const std::optional<at::Tensor>& old_logp,
+                              const std::optional<at::Tensor>& ref_logp, const at::Tensor& row_weight, double clip_low,
+                              double clip_high, std::optional<double> dual_clip, double kl_coef,
+                              c10::string_view kl_type) {
+  check_inputs(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip);
+  const int64_t B = logp.size(0), T = logp.size(1);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat && grad_loss.device() == logp.device(),
+                    "grad_loss must be one float32 value on logp's device");
+  TORCH_CHECK_VALUE(row_weight.dim() == 1 && row_weight.size(0) == B && row_weight.scalar_type() == at::kFloat &&
+                        row_weight.is_contiguous() && row_weight.device() == logp.device(),
+                    "row_weight must be a contiguous float32 [B] on logp's device");
+  const Params p = make_params(clip_low, clip_high, dual_clip, kl_coef, parse_kl_type(kl_type), old_logp.has_value(),
+                               ref_logp.has_value());
+  const c10::cuda::CUDAGuard guard(logp.device());
+  at::Tensor dlogp = at::empty_like(logp);
+  if (B * T == 0) return dlogp;
+  const at::Tensor g = grad_loss.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min<int64_t>((B * T + kThreads - 1) / kThreads, 65535);
+  GRPO_DISPATCH_FLOAT(logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
+    const scalar_t* lp = logp.const_data_ptr<scalar_t>();
+    const scalar_t* op = old_logp.has_value() ? old_logp->const_data_ptr<scalar_t>() : lp;
+    const scalar_t* rp = ref_logp.has_value() ? ref_logp->const_data_ptr<scalar_t>() : lp;
+    const bool per_token = advantages.dim() == 2;
+    if (mask.scalar_type() == at::kBool)
+      grpo_loss_bwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<float>(), lp, op, rp, advantages.const_data_ptr<float>(), per_token,
+          mask.const_data_ptr<bool>(), row_weight.const_data_ptr<float>(), B, T, p, dlogp.data_ptr<scalar_t>());
+    else
+      grpo_loss_bwd_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<float>(), lp, op, rp, advantages.const_data_ptr<float>(), per_token,
+          mask.const_data_ptr<float>(), row_weight.const_data_ptr<float>(), B, T, p, dlogp.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dlogp;
+}
+
+// ---------------------------------------------------------------- group_advantages
+
+__global__ void batch_std_kernel(const float* __restrict__ r, int64_t B, float* __restrict__ std_out) {
+  __shared__ double sh[kNumSums][kThreads];
+  double s[kNumSums] = {0, 0, 0, 0, 0, 0};
+  for (int64_t i = threadIdx.x; i < B; i += kThreads) s[0] += double(r[i]) - double(r[0]);
+  block_sum<double>(s, sh);
+  const double mean = sh[0][0] / double(B);
+  __syncthreads();
+  double q[kNumSums] = {0, 0, 0, 0, 0, 0};
+  for (int64_t i = threadIdx.x; i < B; i += kThreads) {
+    const double c = double(r[i]) - double(r[0]) - mean;
+    q[0] += c * c;
+  }
+  block_sum<double>(q, sh);
+  if (threadIdx.x == 0) std_out[0] = static_cast<float>(sqrt(sh[0][0] / double(B > 1 ? B - 1 : 1)));
+}
+
+__global__ void group_advantages_kernel(const float* __restrict__ r, int64_t num_groups, int64_t G, int scale, double eps,
+                                        const float* __restrict__ batch_std, float* __restrict__ out) {
+  const int64_t grp = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (grp >= num_groups) return;
+  const float* x = r + grp * G;
+  // shift by the group's first reward: a group of equal rewards gives exactly 0
+  double s = 0.0;
+  for (int64_t i = 0; i < G; ++i) s += double(x[i]) - double(x[0]);
+  const double mean = s / double(G);
+  double ss = 0.0;
+  for (int64_t i = 0; i < G; ++i) {
+    const double c = double(x[i]) - double(x[0]) - mean;
+    ss += c * c;
+  }
+  const double std_g = sqrt(ss / double(G > 1 ? G - 1 : 1));
+  const double den = scale == 2 ? 1.0 : (scale == 0 ? std_g : double(batch_std[0])) + eps;
+  for (int64_t i = 0; i < G; ++i) {
+    const double c = double(x[i]) - double(x[0]) - mean;
+    out[grp * G + i] = static_cast<float>(den > 0 ? c / den : 0.0);
+  }
+}
+
+at::Tensor group_advantages_fwd_cuda(const at::Tensor& rewards, int64_t group_size, c10::string_view scale, double eps) {
+  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be [B], got ", rewards.sizes());
+  TORCH_CHECK_VALUE(is_float_dtype(rewards.scalar_type()), "rewards must be float32/bfloat16/float16");
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", group_size);
+  const int64_t B = rewards.size(0);
+  TORCH_CHECK_VALUE(B % group_size == 0, "group_size ", group_size, " does not divide the batch of ", B, " rewards");
+  const int sc = scale == "group" ? 0 : scale == "batch" ? 1 : scale == "none" ? 2 : -1;
+  TORCH_CHECK_VALUE(sc >= 0, "scale must be group, batch or none, got '", std::string(scale), "'");
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  const at::Tensor r = rewards.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B}, r.options());
+  if (B == 0) return out;
+  at::Tensor batch_std = at::empty({1}, r.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (sc == 1) batch_std_kernel<<<1, kThreads, 0, stream>>>(r.const_data_ptr<float>(), B, batch_std.data_ptr<float>());
+  const int64_t groups = B / group_size;
+  group_advantages_kernel<<<(groups + 127) / 128, 128, 0, stream>>>(r.const_data_ptr<float>(), groups, group_size, sc, eps,
+                                                                     batch_std.const_data_ptr<float>(),
+                                                                     out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+  m.impl("group_advantages_fwd", &group_advantages_fwd_cuda);
+  m.impl("grpo_loss_fwd", &grpo_loss_fwd_cuda);
+  m.impl("grpo_loss_bwd", &grpo_loss_bwd_cuda);
+}

@@ -1,0 +1,388 @@
+"""engine.ops.grpo_loss: every backend against an fp64 evaluation of the formulas and the reference.
+
+Every option combination (kl_type x loss_agg x dual clip on/off x old_logp/ref_logp given or not x
+advantages per sequence/per token), forward and backward with a random upstream gradient; edge
+cases (empty masks, B = 0, T = 1, extreme log-ratios); bad input; opcheck; torch.compile;
+bitwise determinism (repeated calls, 1 vs 2 threads).
+"""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine
+import engine.ops as ops
+from engine import reference
+from tests.tolerance import assert_no_worse_than_torch
+
+KL_TYPES = reference.GRPO_KL_TYPES
+LOSS_AGGS = reference.GRPO_LOSS_AGGS
+DEVICE_IS_CUDA = os.environ.get("ENGINE_TEST_DEVICE", "cpu") == "cuda"
+METRICS = ("clipfrac_high", "clipfrac_low", "ppo_kl", "kl")
+FLAGS = list(itertools.product((3.0, None), (True, False), (True, False), (False, True)))  # dual, old, ref, adv/token
+
+
+def _fp64(logp, adv, mask, *, old_logp=None, ref_logp=None, clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.0,
+          kl_type="low_var_kl", loss_agg="token-mean"):
+    """The DESIGN.md formulas evaluated in fp64, written independently of engine.reference."""
+    lp = logp.double()
+    old = lp.detach() if old_logp is None else old_logp.double()
+    a = adv.double() if adv.dim() == 2 else adv.double()[:, None].expand_as(lp)
+    m = mask.double()
+    ratio = torch.exp(torch.clamp(lp - old, -20, 20))
+    pg1, pg2 = -a * ratio, -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    hi = (pg1 < pg2).double()
+    lo = torch.zeros_like(lp)
+    if dual_clip is not None:
+        pg3 = -a * dual_clip
+        lo = ((a < 0) & (pg.detach() > pg3)).double()
+        pg = torch.where(a < 0, torch.minimum(pg, pg3), pg)
+
+    def agg(v):
+        B, T = v.shape
+        if loss_agg == "token-mean":
+            n = m.sum()
+            return (v * m).sum() / n if n > 0 else (v * m).sum() * 0
+        rows = (v * m).sum(-1)
+        if loss_agg == "seq-mean-token-mean":
+            n = m.sum(-1)
+            rows = torch.where(n > 0, rows / torch.where(n > 0, n, 1.0), rows * 0)
+        elif loss_agg == "seq-mean-token-sum-norm":
+            rows = rows / T
+        return rows.sum() / max(B, 1)
+
+    loss = agg(pg)
+    kl = torch.zeros_like(lp)
+    if ref_logp is not None:
+        ref = ref_logp.double()
+        if kl_type == "low_var_kl":
+            d = torch.clamp(ref - lp, -20, 20)
+            kl = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+        elif kl_type == "kl":
+            kl = lp - ref
+        elif kl_type == "abs":
+            kl = (lp - ref).abs()
+        else:
+            kl = 0.5 * (lp - ref) ** 2
+        loss = loss + kl_coef * agg(kl)
+    n = m.sum()
+
+    def tmean(v):
+        return (v.detach() * m).sum() / n if n > 0 else torch.zeros((), dtype=torch.float64, device=lp.device)
+
+    metrics = {"clipfrac_high": tmean(hi), "clipfrac_low": tmean(lo), "ppo_kl": tmean(old - lp) if old_logp is not None
+               else torch.zeros((), dtype=torch.float64, device=lp.device), "kl": tmean(kl)}
+    return loss, metrics
+
+
+def _inputs(B, T, dtype, *, adv_per_token, has_old, has_ref, mask_kind="bool", device="cpu"):
+    logp = (torch.randn(B, T) * 0.5 - 2).to(dtype)
+    old = (logp.float() + 0.3 * torch.randn(B, T)).to(dtype) if has_old else None
+    ref = (logp.float() + 0.6 * torch.randn(B, T)).to(dtype) if has_ref else None
+    adv = torch.randn(B, T) if adv_per_token else torch.randn(B)
+    if mask_kind == "bool":
+        mask = torch.rand(B, T) > 0.25
+    else:
+        mask = (torch.rand(B, T) > 0.25).float() * torch.rand(B, T)  # float weights
+    if B > 2:
+        mask[1] = False if mask.dtype == torch.bool else 0.0  # an empty row
+    return tuple(None if t is None else t.to(device) for t in (logp, adv, mask, old, ref))
+
+
+def _run(backend, logp, adv, mask, upstream, **kw):
+    """-> (loss, metrics, dlogp) of `backend` for loss * upstream."""
+    x = logp.detach().clone().requires_grad_()
+    with engine.backend(backend):
+        loss, metrics = ops.grpo_loss(x, adv, mask, **kw)
+    (grad,) = torch.autograd.grad(loss * upstream, x)
+    return loss, metrics, grad
+
+
+def _floor(ref64):
+    # relative to the magnitude: a loss of 50 has an fp32 ulp of 4e-6, so an absolute 1e-6 would ask
+    # for less than one rounding (the kernel and torch sum in different orders)
+    return 1e-6 * max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1e-6
+
+
+def _check_all(backend, logp, adv, mask, old, ref, **kw):
+    kw = dict(kw, old_logp=old, ref_logp=ref)
+    upstream = torch.randn((), device=logp.device)
+    loss, metrics, grad = _run(backend, logp, adv, mask, upstream, **kw)
+    t_loss, t_metrics, t_grad = _run("torch", logp, adv, mask, upstream, **kw)
+    x64 = logp.detach().double().requires_grad_()
+    l64, m64 = _fp64(x64, adv, mask, **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    (g64,) = torch.autograd.grad(l64 * upstream.double(), x64)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == logp.dtype
+    assert_no_worse_than_torch("loss", loss, t_loss, l64, floor=_floor(l64))
+    for name in METRICS:
+        assert metrics[name].dtype == torch.float32 and metrics[name].shape == () and not metrics[name].requires_grad
+        assert_no_worse_than_torch(name, metrics[name], t_metrics[name], m64[name], floor=_floor(m64[name]))
+    assert_no_worse_than_torch("dlogp", grad, t_grad, g64, floor=_floor(g64))
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("kl_type", KL_TYPES)
+@pytest.mark.parametrize("dual_clip,has_old,has_ref,adv_per_token", FLAGS, ids=lambda v: str(v))
+def test_every_option_matches_fp64(backend_name, device, loss_agg, kl_type, dual_clip, has_old, has_ref, adv_per_token):
+    logp, adv, mask, old, ref = _inputs(5, 37, torch.float32, adv_per_token=adv_per_token, has_old=has_old, has_ref=has_ref,
+                                        mask_kind="bool" if adv_per_token else "float", device=device)
+    _check_all(backend_name, logp, adv, mask, old, ref, clip_low=0.2, clip_high=0.3, dual_clip=dual_clip, kl_coef=0.1,
+               kl_type=kl_type, loss_agg=loss_agg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_half_dtypes(backend_name, device, dtype, loss_agg):
+    if backend_name == "triton" and device.type == "cpu":
+        pytest.skip("the interpreter runs fp32 only")
+    logp, adv, mask, old, ref = _inputs(7, 129, dtype, adv_per_token=False, has_old=True, has_ref=True, device=device)
+    _check_all(backend_name, logp, adv, mask, old, ref, kl_coef=0.05, loss_agg=loss_agg)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 4100), (4, 17)])
+def test_odd_shapes(backend_name, device, B, T):
+    logp, adv, mask, old, ref = _inputs(B, T, torch.float32, adv_per_token=False, has_old=True, has_ref=True, device=device)
+    _check_all(backend_name, logp, adv, mask, old, ref, kl_coef=0.01, loss_agg="seq-mean-token-mean")
+
+
+def test_mixed_dtypes_and_mask_kinds(backend_name, device):
+    logp, adv, _, old, ref = _inputs(4, 33, torch.float32, adv_per_token=False, has_old=True, has_ref=True, device=device)
+    mask = torch.rand(4, 33, device=device) > 0.3
+    for m in (mask, mask.long(), mask.to(torch.float64)):
+        _check_all(backend_name, logp, adv.double(), m, old.to(torch.bfloat16), ref, kl_coef=0.1)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_empty_masks_give_zero(backend_name, device, loss_agg):
+    logp, adv, mask, old, ref = _inputs(4, 9, torch.float32, adv_per_token=False, has_old=True, has_ref=True, device=device)
+    one = torch.tensor(1.0, device=device)
+    loss, metrics, grad = _run(backend_name, logp, adv, torch.zeros(4, 9, dtype=torch.bool, device=device), one,
+                               old_logp=old, ref_logp=ref, kl_coef=0.1, loss_agg=loss_agg)
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    assert all(v.item() == 0.0 for v in metrics.values())
+    assert torch.equal(grad, torch.zeros_like(grad))
+    # one empty row: it contributes 0 (and gets zero gradient), the others are unchanged
+    mask = torch.rand(4, 9, device=device) > 0.2
+    mask[2] = False
+    _, _, grad = _run(backend_name, logp, adv, mask, one, old_logp=old, ref_logp=ref, kl_coef=0.1, loss_agg=loss_agg)
+    assert torch.isfinite(grad).all() and torch.equal(grad[2], torch.zeros(9, device=device))
+
+
+def test_empty_batch(backend_name, device):
+    for T in (0, 5):
+        logp = torch.zeros(0, T, requires_grad=True, device=device)
+        empty = torch.zeros(0, T, device=device)
+        with engine.backend(backend_name):
+            loss, metrics = ops.grpo_loss(logp, torch.zeros(0, device=device), empty.bool(), old_logp=empty, ref_logp=empty,
+                                          kl_coef=0.1)
+        loss.backward()
+        assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+        assert logp.grad.shape == (0, T)
+
+
+@pytest.mark.parametrize("kl_type", KL_TYPES)
+def test_extreme_log_ratios_stay_finite(backend_name, device, kl_type):
+    B, T = 3, 16
+    logp = torch.randn(B, T) - 2
+    old = logp + torch.tensor([-60.0, 60.0, 0.5]).repeat_interleave(T // 3 + 1)[:T]  # |log-ratio| far past 20
+    ref = logp - torch.tensor([50.0, -50.0, 1.0]).repeat_interleave(T // 3 + 1)[:T]
+    adv = torch.tensor([1.5, -2.0, 0.7])
+    mask = torch.ones(B, T, dtype=torch.bool)
+    logp, old, ref, adv, mask = (t.to(device) for t in (logp, old, ref, adv, mask))
+    kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type=kl_type)
+    loss, metrics, grad = _run(backend_name, logp, adv, mask, torch.tensor(1.0, device=device), **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(torch.isfinite(v) for v in metrics.values())
+    _check_all(backend_name, logp, adv, mask, old, ref, kl_coef=0.1, kl_type=kl_type)
+
+
+def test_gradient_only_into_logp(backend_name, device):
+    logp, adv, mask, old, ref = _inputs(3, 8, torch.float32, adv_per_token=False, has_old=True, has_ref=True, device=device)
+    leaves = [t.clone().requires_grad_() for t in (logp, adv, old, ref)]
+    with engine.backend(backend_name):
+        loss, _ = ops.grpo_loss(leaves[0], leaves[1], mask, old_logp=leaves[2], ref_logp=leaves[3], kl_coef=0.1)
+    loss.backward()
+    assert leaves[0].grad is not None
+    assert all(t.grad is None for t in leaves[1:])  # old_logp, ref_logp, advantages are constants
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [
+    ("logp", dict(logp=torch.randn(4)), "logp"),
+    ("logp dtype", dict(logp=torch.zeros(2, 3, dtype=torch.long)), "logp"),
+    ("adv shape", dict(advantages=torch.randn(3)), "advantages"),
+    ("adv dtype", dict(advantages=torch.zeros(2, dtype=torch.long)), "advantages"),
+    ("mask shape", dict(mask=torch.ones(2, 4, dtype=torch.bool)), "mask"),
+    ("mask dtype", dict(mask=torch.ones(2, 3, dtype=torch.complex64)), "mask"),
+    ("old shape", dict(old_logp=torch.randn(3, 3)), "old_logp"),
+    ("old dtype", dict(old_logp=torch.zeros(2, 3, dtype=torch.int32)), "old_logp"),
+    ("ref shape", dict(ref_logp=torch.randn(2, 4)), "ref_logp"),
+    ("kl_type", dict(kl_type="full"), "kl_type"),
+    ("loss_agg", dict(loss_agg="seq-mean"), "loss_agg"),
+    ("clip_low", dict(clip_low=1.5), "clip_low"),
+    ("clip_high", dict(clip_high=-0.1), "clip_high"),
+    ("dual_clip", dict(dual_clip=0.5), "dual_clip"),
+    ("kl_coef", dict(kl_coef=float("nan")), "kl_coef"),
+    ("device", dict(mask=torch.ones(2, 3, dtype=torch.bool, device="meta")), "mask"),
+    ("device ref", dict(ref_logp=torch.randn(2, 3, device="meta")), "ref_logp"),
+]
+
+
+@pytest.mark.parametrize("case,override,name", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_value_error(backend_name, device, case, override, name):
+    args = dict(logp=torch.randn(2, 3), advantages=torch.randn(2), mask=torch.ones(2, 3, dtype=torch.bool))
+    args.update(override)
+    args = {k: v.to(device) if torch.is_tensor(v) and v.device.type != "meta" else v for k, v in args.items()}
+    kw = {k: args.pop(k) for k in list(args) if k not in ("logp", "advantages", "mask")}
+    with engine.backend(backend_name), pytest.raises(ValueError, match=name):
+        ops.grpo_loss(args["logp"], args["advantages"], args["mask"], **kw)
+
+
+def test_kernel_checks_raise_value_error():
+    if "cpp" not in engine.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    logp, adv, mask = torch.randn(2, 3), torch.randn(2), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kl_type"):
+        torch.ops.engine.grpo_loss_fwd(logp, adv, mask, None, None, 0.2, 0.3, 3.0, 0.0, "nope", "token-mean")
+    with pytest.raises(ValueError, match="mask"):
+        torch.ops.engine.grpo_loss_fwd(logp, adv, mask[:, :2], None, None, 0.2, 0.3, 3.0, 0.0, "kl", "token-mean")
+    with pytest.raises(ValueError, match="row_weight"):
+        torch.ops.engine.grpo_loss_bwd(torch.ones(()), logp, adv, mask, None, None, torch.ones(5), 0.2, 0.3, 3.0, 0.0, "kl")
+
+
+# ---------------------------------------------------------------- torch.library, compile, determinism
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_opcheck(backend_name, device, per_token):
+    if backend_name == "torch":
+        pytest.skip("the torch backend is plain autograd, not a custom op")
+    from engine.grpo import _grpo_loss_backward_op, _grpo_loss_op
+
+    logp, adv, mask, old, ref = _inputs(3, 20, torch.float32, adv_per_token=per_token, has_old=True, has_ref=True,
+                                        device=device)
+    args = (logp.requires_grad_(), adv, mask, old, ref, 0.2, 0.3, 3.0, 0.1, "low_var_kl", "seq-mean-token-mean", backend_name)
+    torch.library.opcheck(_grpo_loss_op, args)
+    torch.library.opcheck(_grpo_loss_op, (logp, adv, mask.float(), None, None, 0.2, 0.3, None, 0.0, "kl", "token-mean",
+                                          backend_name))
+    row_w = _grpo_loss_op(*args)[2].detach()
+    torch.library.opcheck(_grpo_loss_backward_op, (torch.tensor(0.7, device=device), logp.detach(), adv, mask, old, ref, row_w, 0.2, 0.3,
+                                                   3.0, 0.1, "mse", backend_name))
+
+
+def test_torch_compile_fullgraph(backend_name, device):
+    logp, adv, mask, old, ref = _inputs(4, 24, torch.float32, adv_per_token=False, has_old=True, has_ref=True, device=device)
+
+    def step(x):
+        loss, metrics = ops.grpo_loss(x, adv, mask, old_logp=old, ref_logp=ref, kl_coef=0.1, loss_agg="seq-mean-token-sum")
+        return loss * 2 + metrics["kl"]
+
+    with engine.backend(backend_name):
+        x1 = logp.clone().requires_grad_()
+        eager = step(x1)
+        eager.backward()
+        torch._dynamo.reset()
+        x2 = logp.clone().requires_grad_()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x2)
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+def _outputs(backend, logp, adv, mask, old, ref):
+    loss, metrics, grad = _run(backend, logp, adv, mask, torch.tensor(1.3, device=logp.device), old_logp=old, ref_logp=ref,
+                               kl_coef=0.01)
+    return [loss, grad] + [metrics[k] for k in METRICS]
+
+
+def _assert_bitwise(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y) and x.dtype == y.dtype
+
+
+def test_deterministic_repeated_and_across_threads(backend_name, device):
+    if backend_name == "torch":
+        pytest.skip("determinism is a property of the kernels")
+    B, T = (3, 300) if backend_name == "triton" and device.type == "cpu" else (8, 2500)
+    logp, adv, mask, old, ref = _inputs(B, T, torch.float32, adv_per_token=False, has_old=True, has_ref=True, device=device)
+    first = _outputs(backend_name, logp, adv, mask, old, ref)
+    for _ in range(4):
+        _assert_bitwise(first, _outputs(backend_name, logp, adv, mask, old, ref))
+    if backend_name == "cpp":
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                _assert_bitwise(first, _outputs(backend_name, logp, adv, mask, old, ref))
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kl_type", KL_TYPES)
+def test_cpp_scalar_path(monkeypatch, kl_type, dtype):
+    """The C++ scalar fallback (CPUs without AVX-512) against fp64, as the vector path is."""
+    if "cpp" not in engine.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    monkeypatch.setenv("ENGINE_GRPO_SCALAR", "1")
+    for per_token, mask_kind in ((False, "bool"), (True, "float")):
+        logp, adv, mask, old, ref = _inputs(5, 53, dtype, adv_per_token=per_token, has_old=True, has_ref=True,
+                                            mask_kind=mask_kind)
+        _check_all("cpp", logp, adv, mask, old, ref, kl_coef=0.1, kl_type=kl_type, loss_agg="seq-mean-token-mean")
+
+
+_COMPILE_SM90 = r"""
+import sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton_kernels.group_advantages as A
+    import triton_kernels.grpo_loss as G
+except Exception as exc:
+    print("SKIP triton cannot compile here:", exc); sys.exit(0)
+
+def compile_(fn, sig, consts):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    except (RuntimeError, FileNotFoundError) as exc:
+        if "ptxas" in str(exc):
+            print("SKIP no ptxas:", exc); sys.exit(0)
+        raise
+
+rows = dict(logp_ptr="*bf16", old_ptr="*bf16", ref_ptr="*bf16", adv_ptr="*fp32", mask_ptr="*i1")
+for kl in range(4):
+    flags = dict(HAS_OLD=True, HAS_REF=True, HAS_DUAL=kl % 2 == 0, ADV_PER_TOKEN=kl < 2, KL_TYPE=kl)
+    compile_(G._grpo_loss_fwd_kernel, dict(rows, part_ptr="*fp32", B="i32", T="i32", lo="fp32", hi="fp32", dual="fp32"),
+             dict(flags, BLOCK_T=1024, N_ITERS=2))
+    compile_(G._grpo_loss_bwd_kernel, dict(rows, grad_ptr="*fp32", row_w_ptr="*fp32", dlogp_ptr="*bf16", T="i32",
+             lo="fp32", hi="fp32", dual="fp32", kl_coef="fp32"), dict(flags, BLOCK_T=1024))
+    compile_(G._grpo_loss_finalize_kernel, dict(part_ptr="*fp32", loss_ptr="*fp32", metrics_ptr="*fp32",
+             row_w_ptr="*fp32", B="i32", T="i32", kl_coef="fp32"), dict(AGG=kl, BLOCK_B=1024, N_B_ITERS=1))
+compile_(A._batch_std_kernel, dict(r_ptr="*fp32", std_ptr="*fp32", B="i32", inv_bm1="fp32"), dict(BLOCK=1024, N_ITERS=2))
+for scale in range(3):
+    compile_(A._group_advantages_fwd_kernel, dict(r_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", num_groups="i32",
+             G="i32", inv_gm1="fp32", eps="fp32"), dict(SCALE=scale, BLOCK_G=8, GROUPS=64))
+print("OK")
+"""
+
+
+@pytest.mark.skipif(DEVICE_IS_CUDA, reason="on a GPU the Triton tests above compile and run the kernels")
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter runs the Triton kernels but never compiles them: compile every kernel (each
+    kl_type and loss_agg, bf16 logp, bool mask) for an H100 (sm_90, ptxas) in a process without
+    TRITON_INTERPRET, so that typing errors show up here and not on the GPU machine."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout.strip())
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
