@@ -1,0 +1,105 @@
+"""token_logprobs: forward, forward with entropy, and forward+backward, each backend against the
+plain expression `torch.log_softmax(logits, -1).gather(-1, ids[:, None])` (the `torch` rows).
+
+Bytes the op must move: forward reads logits once (N·V·elem); backward reads them again and
+writes the gradient (2·N·V·elem more). Peak extra memory is recorded for forward+backward.
+Run: pytest bench/test_bench_token_logprobs.py --benchmark-only
+"""
+import contextlib
+import ctypes
+
+import pytest
+import torch
+
+import engine
+import engine.ops as ops
+from bench.common import peak_extra_bytes
+
+N, V = 4096, 32000
+
+
+@contextlib.contextmanager
+def _glibc_mmaps_large_blocks():
+    """While measuring CPU peak memory through RSS: glibc serves blocks >= 1 MiB from fresh mmaps
+    and freed memory goes back to the OS, so a buffer reused from an earlier round (which RSS
+    would not see grow) is counted. Afterwards the threshold is 32 MiB, where glibc's dynamic
+    threshold settles anyway once a block that large has been freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: measure as is
+        yield
+        return
+    M_MMAP_THRESHOLD = -3
+    trim(0)
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+
+
+def peak_bytes(fn, device) -> int:
+    """bench.common.peak_extra_bytes, with allocations made visible to RSS on CPU."""
+    if device.type != "cpu":
+        return peak_extra_bytes(fn, device)
+    with _glibc_mmaps_large_blocks():
+        return peak_extra_bytes(fn, device)
+
+
+def _inputs(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype)
+    ids = torch.randint(0, V, (N,), generator=g).to(device)
+    return logits, ids
+
+
+def _plain(logits, ids):
+    """The expression every RL trainer writes: materializes log_softmax in fp32."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _forward(backend, return_entropy):
+    if backend == "torch" and not return_entropy:
+        return _plain
+    return lambda logits, ids: ops.token_logprobs(logits, ids, return_entropy=return_entropy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("return_entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_token_logprobs_fwd(benchmark, record, bench_backend, device, dtype, return_entropy):
+    if dtype != torch.float32 and return_entropy:
+        pytest.skip("entropy is benchmarked in fp32")
+    logits, ids = _inputs(device, dtype)
+    fwd = _forward(bench_backend, return_entropy)
+    with engine.backend(bench_backend), torch.no_grad():
+        benchmark.pedantic(lambda: fwd(logits, ids), rounds=7, warmup_rounds=1)
+    what = "logp+entropy" if return_entropy else "logp"
+    record(benchmark, group=f"token_logprobs fwd ({what}) N={N} V={V} {str(dtype)[6:]}", backend=bench_backend,
+           bytes=logits.numel() * logits.element_size(), dtype=str(dtype)[6:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("return_entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_token_logprobs_fwd_bwd(benchmark, record, bench_backend, device, dtype, return_entropy):
+    if dtype != torch.float32 and return_entropy:
+        pytest.skip("entropy is benchmarked in fp32")
+    logits, ids = _inputs(device, dtype)
+    x = logits.clone().requires_grad_()
+    g = torch.randn(N, device=device)
+    fwd = _forward(bench_backend, return_entropy)
+
+    def step():
+        x.grad = None
+        out = fwd(x, ids)
+        loss = (out[0] * g + out[1] * g).sum() if return_entropy else (out * g).sum()
+        loss.backward()
+        return x.grad
+
+    with engine.backend(bench_backend):
+        benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+        x.grad = None  # measure from a state without last round's gradient
+        peak = peak_bytes(step, device)
+    what = "logp+entropy" if return_entropy else "logp"
+    record(benchmark, group=f"token_logprobs fwd+bwd ({what}) N={N} V={V} {str(dtype)[6:]}", backend=bench_backend,
+           bytes=3 * logits.numel() * logits.element_size(), peak_bytes=peak, dtype=str(dtype)[6:])

@@ -1,0 +1,256 @@
+// token_logprobs on CUDA: one block per row, fp32 accumulation, warp-shuffle reductions.
+//
+// Forward: each thread keeps an online (m, S = sum e^(z-m), T = sum e^(z-m) (z-m)) over its strided
+// share of the row; the block merges the triples (warp shuffles, then one warp over the warps).
+// Outputs per row: logp = (z[id] - m) - log S, entropy = log S - T / S, stats = (m, log S).
+// Backward: each element recomputes p = e^((z - m) - log S) and writes
+// dz = p (base - g_ent (z - m)) + [j == id] g_logp, base = -g_logp + g_ent (log S - entropy),
+// divided by the temperature; grad may alias logits (each element is read before it is written).
+// A NaN in a row makes that row NaN (counted, not left to fmaxf, which drops NaN); -inf entries
+// (masked vocabulary) add nothing and get a zero gradient.
+// setup.py builds with --use_fast_math: divisions use __fdiv_rn (IEEE, as torch's logits / T; an
+// approximate divide would move z by ulps) and the per-row log runs in double. expf becomes
+// __expf there, whose error (a few ulp near 0) stays far below the fp32 rounding of the sums.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace engine {
+namespace {
+
+constexpr int kWarp = 32;
+
+struct Online {
+  float m;  // running max (-inf: nothing finite yet)
+  float s;  // sum e^(z - m)
+  float t;  // sum e^(z - m) (z - m)
+};
+
+__device__ __forceinline__ Online merge(Online a, Online b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f, 0.f};
+  Online r{m, 0.f, 0.f};
+  if (a.m != -INFINITY) {
+    const float sh = a.m - m, sc = expf(sh);
+    r.s += a.s * sc;
+    r.t += sc * (a.t + sh * a.s);
+  }
+  if (b.m != -INFINITY) {
+    const float sh = b.m - m, sc = expf(sh);
+    r.s += b.s * sc;
+    r.t += sc * (b.t + sh * b.s);
+  }
+  return r;
+}
+
+__device__ __forceinline__ Online push(Online a, float z) {
+  if (z == -INFINITY) return a;  // masked entry: adds 0
+  if (z > a.m) {
+    const float sh = a.m - z;  // -inf when a is empty: its sums are 0 and stay 0
+    const float sc = a.m == -INFINITY ? 0.f : expf(sh);
+    const float t = a.m == -INFINITY ? 0.f : sc * (a.t + sh * a.s);
+    return {z, a.s * sc + 1.f, t};  // the new max adds e^0 = 1 and (z - m) = 0
+  }
+  const float d = z - a.m, e = expf(d);
+  return {a.m, a.s + e, a.t + e * d};
+}
+
+__device__ __forceinline__ Online warp_merge(Online v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    Online o{__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off),
+             __shfl_xor_sync(0xffffffffu, v.t, off)};
+    v = merge(v, o);
+  }
+  return v;
+}
+
+template <typename scalar_t, int kThreads>
+__global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
+    const scalar_t* __restrict__ logits, int64_t row_stride, int64_t V, const int64_t* __restrict__ ids,
+    float temperature, float* __restrict__ logp, float* __restrict__ entropy, float* __restrict__ stats) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = logits + row * row_stride;
+  Online acc{-INFINITY, 0.f, 0.f};
+  int has_nan = 0;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    const float z = __fdiv_rn(static_cast<float>(x[j]), temperature);
+    has_nan |= isnan(z);
+    if (!isnan(z)) acc = push(acc, z);
+  }
+  __shared__ float sm[kThreads / kWarp], ss[kThreads / kWarp], st[kThreads / kWarp];
+  acc = warp_merge(acc);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) {
+    sm[warp] = acc.m;
+    ss[warp] = acc.s;
+    st[warp] = acc.t;
+  }
+  has_nan = __syncthreads_or(has_nan);
+  if (warp == 0) {
+    acc = lane < kThreads / kWarp ? Online{sm[lane], ss[lane], st[lane]} : Online{-INFINITY, 0.f, 0.f};
+    acc = warp_merge(acc);
+    if (lane == 0) {
+      const float m = has_nan ? NAN : acc.m;
+      const float log_s = static_cast<float>(log(static_cast<double>(acc.s)));
+      const int64_t id = ids[row];
+      const float z_id = (id >= 0 && id < V) ? __fdiv_rn(static_cast<float>(x[id]), temperature) : NAN;
+      logp[row] = (z_id - m) - log_s;  // rounded as log_softmax rounds it
+      stats[2 * row] = m;
+      stats[2 * row + 1] = log_s;
+      if (entropy != nullptr) entropy[row] = has_nan ? NAN : log_s - __fdiv_rn(acc.t, acc.s);
+    }
+  }
+}
+
+template <typename scalar_t, int kThreads>
+__global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
+    const scalar_t* logits, int64_t row_stride, scalar_t* grad, int64_t grad_row_stride, int64_t V,
+    const int64_t* __restrict__ ids, float temperature, const float* __restrict__ stats,
+    const float* __restrict__ entropy, const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = logits + row * row_stride;
+  scalar_t* g = grad + row * grad_row_stride;
+  const float m = stats[2 * row], log_s = stats[2 * row + 1];
+  const float g_logp = grad_logp != nullptr ? grad_logp[row] : 0.f;
+  const float g_ent = grad_entropy != nullptr ? grad_entropy[row] : 0.f;
+  const float ent = grad_entropy != nullptr ? entropy[row] : 0.f;
+  const float base = -g_logp + g_ent * (log_s - ent);
+  // no finite max (a NaN row, or no finite logit): the whole row's gradient is NaN, as in the reference
+  const float poison = (!isfinite(m) || isnan(log_s) || isnan(base)) ? NAN : 0.f;
+  const int64_t id = ids[row];
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    const float d = __fdiv_rn(static_cast<float>(x[j]), temperature) - m;
+    const float p = expf(d - log_s);
+    float dz = p > 0.f ? p * (base - g_ent * d) : 0.f;  // masked entries: 0, not 0 * inf
+    if (j == id) dz += g_logp;
+    g[j] = static_cast<scalar_t>(__fdiv_rn(dz + poison, temperature));
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& ids, double temperature) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
+                        logits.scalar_type() == at::kHalf,
+                    "logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D [N], got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                    "ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.size(0) == logits.size(0), "ids must have shape [", logits.size(0),
+                    "] (one id per row of logits), got ", ids.sizes());
+  TORCH_CHECK_VALUE(ids.device() == logits.device(), "ids is on ", ids.device(), " but logits is on ", logits.device());
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be positive and finite, got ", temperature);
+  TORCH_CHECK_VALUE(logits.size(0) <= 2147483647LL, "logits has too many rows for one grid: ", logits.size(0));
+}
+
+std::optional<at::Tensor> row_grad(const std::optional<at::Tensor>& g, const at::Tensor& like, const char* name) {
+  if (!g.has_value() || !g->defined()) return std::nullopt;
+  const int64_t N = like.size(0);
+  TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == N, name, " must have shape [", N, "], got ", g->sizes());
+  TORCH_CHECK_VALUE(g->device() == like.device(), name, " is on ", g->device(), " but logits is on ", like.device());
+  return g->to(at::kFloat).contiguous();
+}
+
+// Large rows get more threads per block: enough loads in flight to stream the row.
+template <typename F>
+void with_threads(int64_t V, F&& launch) {
+  if (V >= 8192) launch(std::integral_constant<int, 512>{});
+  else launch(std::integral_constant<int, 256>{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
+    const at::Tensor& logits_in, const at::Tensor& ids, double temperature, bool return_entropy) {
+  check_inputs(logits_in, ids, temperature);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor ids64 = ids.to(at::kLong).contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
+  at::Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
+  if (N == 0) return {logp, entropy, stats};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_fwd_cuda", [&] {
+    with_threads(V, [&](auto threads) {
+      constexpr int kThreads = decltype(threads)::value;
+      token_logprobs_fwd_kernel<scalar_t, kThreads><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), logits.stride(0), V, ids64.const_data_ptr<int64_t>(),
+          static_cast<float>(temperature), logp.data_ptr<float>(), return_entropy ? entropy.data_ptr<float>() : nullptr,
+          stats.data_ptr<float>());
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {logp, entropy, stats};
+}
+
+void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids, const at::Tensor& stats,
+              const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
+              const std::optional<at::Tensor>& grad_entropy, double temperature) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 2 && stats.scalar_type() == at::kFloat &&
+                        stats.device() == logits.device(),
+                    "stats must be float32 [", N, ", 2] on the device of logits (from token_logprobs_fwd), got ",
+                    stats.scalar_type(), " ", stats.sizes());
+  auto g_logp = row_grad(grad_logp, logits, "grad_logp");
+  auto g_ent = row_grad(grad_entropy, logits, "grad_entropy");
+  if (g_ent) {
+    TORCH_CHECK_VALUE(entropy.dim() == 1 && entropy.size(0) == N && entropy.scalar_type() == at::kFloat &&
+                          entropy.device() == logits.device(),
+                      "entropy must be float32 [", N, "] on the device of logits when grad_entropy is given, got ",
+                      entropy.sizes());
+  }
+  if (N == 0) return;
+  const at::Tensor ids64 = ids.to(at::kLong).contiguous();
+  const at::Tensor stats_c = stats.contiguous();
+  const at::Tensor ent_c = g_ent ? entropy.contiguous() : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_cuda", [&] {
+    with_threads(V, [&](auto threads) {
+      constexpr int kThreads = decltype(threads)::value;
+      token_logprobs_bwd_kernel<scalar_t, kThreads><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), logits.stride(0), grad.data_ptr<scalar_t>(), grad.stride(0), V,
+          ids64.const_data_ptr<int64_t>(), static_cast<float>(temperature), stats_c.const_data_ptr<float>(),
+          g_ent ? ent_c.const_data_ptr<float>() : nullptr, g_logp ? g_logp->const_data_ptr<float>() : nullptr,
+          g_ent ? g_ent->const_data_ptr<float>() : nullptr);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits_in, const at::Tensor& ids, const at::Tensor& stats,
+                                   const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
+                                   const std::optional<at::Tensor>& grad_entropy, double temperature) {
+  check_inputs(logits_in, ids, temperature);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  bwd_into(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature);
+  return grad;
+}
+
+void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& stats,
+                                     const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
+                                     const std::optional<at::Tensor>& grad_entropy, double temperature) {
+  check_inputs(logits, ids, temperature);
+  TORCH_CHECK_VALUE(logits.stride(1) == 1, "logits must have a contiguous last dim for the in-place backward");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  bwd_into(logits, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cuda);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cuda);
+  m.impl("token_logprobs_bwd_inplace", &token_logprobs_bwd_inplace_cuda);
+}
+
+}  // namespace engine

@@ -1,0 +1,193 @@
+"""engine.ops.linear_token_logprobs (fused LM head) on every backend runnable here, against fp64
+and the same-dtype reference; gradients for hidden, weight and bias compared by name."""
+import pytest
+import torch
+
+import engine
+import engine.ops as ops
+from engine.linear_token_logprobs import default_chunk_size
+from tests.tolerance import assert_no_worse_than_torch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(shape, H, V, dtype, device, *, bias=True):
+    hidden = (torch.randn(*shape, H, device=device)).to(dtype)
+    weight = (torch.randn(V, H, device=device) / H**0.5 * 3).to(dtype)
+    b = torch.randn(V, device=device).to(dtype) if bias else None
+    ids = torch.randint(0, V, shape, device=device)
+    return hidden, weight, b, ids
+
+
+def run(backend, hidden, weight, bias, ids, g_logp, g_ent, **kw):
+    """(logp, entropy, {name: grad}) with upstream grads into both outputs."""
+    leaves = {"hidden": hidden, "weight": weight, "bias": bias}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items() if v is not None}
+    with engine.backend(backend):
+        logp, entropy = ops.linear_token_logprobs(
+            leaves["hidden"], leaves["weight"], ids, bias=leaves.get("bias"), return_entropy=True, **kw
+        )
+    (logp * g_logp + entropy * g_ent).sum().backward()
+    return logp, entropy, {k: v.grad for k, v in leaves.items()}
+
+
+def truth64(hidden, weight, bias, ids, g_logp, g_ent, temperature):
+    leaves = {"hidden": hidden, "weight": weight, "bias": bias}
+    leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items() if v is not None}
+    logits = torch.nn.functional.linear(leaves["hidden"], leaves["weight"], leaves.get("bias"))
+    z = logits / temperature
+    logsm = torch.log_softmax(z, -1)
+    logp = logsm.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    p = logsm.exp()
+    entropy = torch.logsumexp(z, -1) - (p * z).sum(-1)
+    (logp * g_logp.double() + entropy * g_ent.double()).sum().backward()
+    return logp.detach(), entropy.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def check(backend, hidden, weight, bias, ids, *, temperature=1.0, chunk_size=None):
+    g_logp, g_ent = torch.randn(ids.shape, device=ids.device), torch.randn(ids.shape, device=ids.device)
+    kw = dict(temperature=temperature, chunk_size=chunk_size)
+    logp, entropy, grads = run(backend, hidden, weight, bias, ids, g_logp, g_ent, **kw)
+    t_logp, t_entropy, t_grads = run("torch", hidden, weight, bias, ids, g_logp, g_ent, **kw)
+    r_logp, r_entropy, r_grads = truth64(hidden, weight, bias, ids, g_logp, g_ent, temperature)
+    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == entropy.shape == ids.shape
+    assert_no_worse_than_torch("logp", logp, t_logp, r_logp)
+    assert_no_worse_than_torch("entropy", entropy, t_entropy, r_entropy)
+    assert set(grads) == set(r_grads)
+    for name in grads:
+        assert grads[name].dtype == hidden.dtype, name
+        assert_no_worse_than_torch(f"grad_{name}", grads[name], t_grads[name], r_grads[name])
+
+
+def _skip_interpreter(backend, dtype=torch.float32):
+    if backend == "triton" and engine._triton.interpreting() and dtype != torch.float32:
+        pytest.skip("the Triton interpreter is tested in fp32 only")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 4, 7])
+def test_matches_fp64(backend_name, device, dtype, chunk_size):
+    _skip_interpreter(backend_name, dtype)
+    hidden, weight, bias, ids = make((2, 9), 48, 1031, dtype, device)  # 18 rows: chunks of 4 and 7 leave tails
+    check(backend_name, hidden, weight, bias, ids, temperature=0.8, chunk_size=chunk_size)
+
+
+def test_no_bias_and_large_vocab(backend_name, device):
+    _skip_interpreter(backend_name)
+    V = 50257 if backend_name != "triton" else 3001
+    hidden, weight, _, ids = make((5,), 32, V, torch.float32, device, bias=False)
+    check(backend_name, hidden, weight, None, ids, chunk_size=2)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiny_batches(backend_name, device, n):
+    hidden, weight, bias, ids = make((n,), 16, 37, torch.float32, device)
+    check(backend_name, hidden, weight, bias, ids)
+
+
+def test_logp_only_and_frozen_weight(backend_name, device):
+    hidden, weight, bias, ids = make((6,), 24, 301, torch.float32, device)
+    h = hidden.clone().requires_grad_()
+    g = torch.randn(6, device=device)
+    with engine.backend(backend_name):
+        logp = ops.linear_token_logprobs(h, weight, ids, bias=bias, chunk_size=4)
+    assert isinstance(logp, torch.Tensor) and logp.shape == (6,)
+    (logp * g).sum().backward()
+    _, _, t_grads = run("torch", hidden, weight, bias, ids, g, torch.zeros_like(g))
+    _, _, r_grads = truth64(hidden, weight, bias, ids, g, torch.zeros_like(g), 1.0)
+    assert_no_worse_than_torch("grad_hidden", h.grad, t_grads["hidden"], r_grads["hidden"])
+
+
+def test_frozen_hidden_only_weight_and_bias_grads(backend_name, device):
+    hidden, weight, bias, ids = make((6,), 24, 301, torch.float32, device)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    g_logp, g_ent = torch.randn(6, device=device), torch.randn(6, device=device)
+    with engine.backend(backend_name):
+        logp, entropy = ops.linear_token_logprobs(hidden, w, ids, bias=b, return_entropy=True, chunk_size=4)
+    (logp * g_logp + entropy * g_ent).sum().backward()
+    _, _, t_grads = run("torch", hidden, weight, bias, ids, g_logp, g_ent)
+    _, _, r_grads = truth64(hidden, weight, bias, ids, g_logp, g_ent, 1.0)
+    assert_no_worse_than_torch("grad_weight", w.grad, t_grads["weight"], r_grads["weight"])
+    assert_no_worse_than_torch("grad_bias", b.grad, t_grads["bias"], r_grads["bias"])
+
+
+def test_same_as_token_logprobs_of_the_logits(backend_name, device):
+    hidden, weight, bias, ids = make((3, 4), 20, 257, torch.float32, device)
+    with engine.backend(backend_name):
+        fused = ops.linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=1.5, chunk_size=5)
+        plain = ops.token_logprobs(hidden @ weight.T + bias, ids, temperature=1.5)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=2e-5)
+
+
+def test_default_chunk_size_bounds_the_buffer():
+    rows = default_chunk_size(4096, 32000, torch.float32)
+    assert 16 <= rows < 4096 and rows * 32000 * 4 <= 40 * 2**20
+    assert default_chunk_size(3, 32000, torch.float32) == 3
+    assert default_chunk_size(10**6, 10**7, torch.float32) == 16
+
+
+BAD_INPUTS = [
+    ("ids", lambda h, w, b, i: (h, w, b, torch.full_like(i, w.shape[0]))),  # id == V
+    ("ids", lambda h, w, b, i: (h, w, b, torch.full_like(i, -1))),
+    ("ids", lambda h, w, b, i: (h, w, b, i[:-1])),
+    ("ids", lambda h, w, b, i: (h, w, b, i.float())),
+    ("hidden", lambda h, w, b, i: (h[:, :-1], w, b, i)),  # H mismatch
+    ("hidden", lambda h, w, b, i: (h.long(), w, b, i)),
+    ("weight", lambda h, w, b, i: (h, w[None], b, i)),
+    ("weight", lambda h, w, b, i: (h, w.double(), b, i)),
+    ("bias", lambda h, w, b, i: (h, w, b[:-1], i)),
+    ("bias", lambda h, w, b, i: (h, w, b.half(), i)),
+    ("weight", lambda h, w, b, i: (h, w.to("meta"), b, i)),  # another device
+]
+
+
+@pytest.mark.parametrize("name,make_bad", BAD_INPUTS)
+def test_bad_input_raises_value_error(backend_name, device, name, make_bad):
+    hidden, weight, bias, ids = make((3,), 8, 11, torch.float32, device)
+    h, w, b, i = make_bad(hidden, weight, bias, ids)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=name):
+        ops.linear_token_logprobs(h, w, i, bias=b)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(chunk_size=0), "chunk_size"), (dict(temperature=0.0), "temperature")])
+def test_bad_keywords(backend_name, device, kw, name):
+    hidden, weight, bias, ids = make((3,), 8, 11, torch.float32, device)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=name):
+        ops.linear_token_logprobs(hidden, weight, ids, bias=bias, **kw)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(backend_name, device, with_bias):
+    if backend_name == "torch":
+        pytest.skip("the torch backend is the plain reference, no custom op")
+    from engine.linear_token_logprobs import linear_token_logprobs_backward_op, linear_token_logprobs_op
+
+    hidden, weight, bias, ids = make((7,), 16, 129, torch.float32, device, bias=with_bias)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), ids, bias.requires_grad_() if with_bias else None)
+    torch.library.opcheck(linear_token_logprobs_op, args + (0.9, True, 3, backend_name))
+    _, entropy, stats = linear_token_logprobs_op(*[a.detach() if a is not None else None for a in args], 0.9, True, 3, backend_name)
+    g = torch.randn(7, device=device)
+    detached = tuple(a.detach() if a is not None else None for a in args)
+    torch.library.opcheck(linear_token_logprobs_backward_op, detached + (stats, entropy, g, g, 0.9, 3, backend_name))
+
+
+def test_torch_compile_fullgraph(backend_name, device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(hidden, weight, bias, ids):
+        logp, entropy = ops.linear_token_logprobs(hidden, weight, ids, bias=bias, return_entropy=True, chunk_size=4)
+        return (logp + 0.1 * entropy).sum()
+
+    hidden, weight, bias, ids = make((2, 5), 16, 97, torch.float32, device)
+    a = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    b = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with engine.backend(backend_name):
+        out = f(*a, ids)
+        out.backward()
+        logp, entropy = ops.linear_token_logprobs(*b[:2], ids, bias=b[2], return_entropy=True, chunk_size=4)
+        ref = (logp + 0.1 * entropy).sum()
+        ref.backward()
+    torch.testing.assert_close(out, ref)
+    for name, x, y in zip(("hidden", "weight", "bias"), a, b):
+        torch.testing.assert_close(x.grad, y.grad, msg=name)

@@ -1,0 +1,232 @@
+"""engine.ops.token_logprobs on every backend runnable here, against fp64 and the same-dtype reference."""
+import pytest
+import torch
+
+import engine
+import engine.ops as ops
+from engine import reference
+from tests.tolerance import assert_no_worse_than_torch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NEG_INF = float("-inf")
+
+
+def truth64(logits, ids, temperature):
+    """(logp, entropy) in fp64 and a closure giving d(sum(g_logp logp + g_ent entropy))/dlogits in fp64."""
+    x = logits.detach().double().requires_grad_()
+    z = x / temperature
+    logsm = torch.log_softmax(z, -1)
+    logp = logsm.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    p = logsm.exp()
+    entropy = torch.logsumexp(z, -1) - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1)
+
+    def grad(g_logp, g_ent):
+        (gx,) = torch.autograd.grad((logp * g_logp.double()).nansum() + (entropy * g_ent.double()).nansum(), x, retain_graph=True)
+        return gx
+
+    return logp.detach(), entropy.detach(), grad
+
+
+def run(backend, logits, ids, temperature, g_logp, g_ent):
+    """(logp, entropy, grad_logits) from `backend` with upstream grads into both outputs."""
+    x = logits.detach().clone().requires_grad_()
+    with engine.backend(backend):
+        logp, entropy = ops.token_logprobs(x, ids, temperature=temperature, return_entropy=True)
+    (logp * g_logp + entropy * g_ent).sum().backward()
+    return logp, entropy, x.grad
+
+
+def check_against_truth(backend, logits, ids, temperature):
+    g_logp, g_ent = torch.randn(ids.shape, device=ids.device), torch.randn(ids.shape, device=ids.device)
+    logp, entropy, grad = run(backend, logits, ids, temperature, g_logp, g_ent)
+    t_logp, t_entropy, t_grad = run("torch", logits, ids, temperature, g_logp, g_ent)
+    r_logp, r_entropy, r_grad = truth64(logits, ids, temperature)
+    assert logp.dtype == entropy.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert logp.shape == entropy.shape == ids.shape and grad.shape == logits.shape
+    assert_no_worse_than_torch("logp", logp, t_logp, r_logp)
+    assert_no_worse_than_torch("entropy", entropy, t_entropy, r_entropy)
+    assert_no_worse_than_torch("grad_logits", grad, t_grad, r_grad(g_logp, g_ent))
+
+
+def _skip_interpreter(backend, dtype=torch.float32, V=0):
+    if backend == "triton" and engine._triton.interpreting():
+        if dtype != torch.float32:
+            pytest.skip("the Triton interpreter is tested in fp32 only")
+        if V > 4096:
+            pytest.skip("the Triton interpreter is tested on small vocabularies")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7), (5, 3001), (2, 3, 1000), (3, 50257)], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_fp64(backend_name, device, dtype, shape, temperature):
+    _skip_interpreter(backend_name, dtype, shape[-1])
+    logits = (torch.randn(shape, device=device) * 4).to(dtype)
+    ids = torch.randint(0, shape[-1], shape[:-1], device=device)
+    check_against_truth(backend_name, logits, ids, temperature)
+
+
+def test_logp_only_and_int32_ids(backend_name, device):
+    logits = torch.randn(9, 2500, device=device) * 3
+    ids = torch.randint(0, 2500, (9,), device=device, dtype=torch.int32)
+    g = torch.randn(9, device=device)
+    x = logits.clone().requires_grad_()
+    with engine.backend(backend_name):
+        logp = ops.token_logprobs(x, ids, temperature=1.3)
+    assert isinstance(logp, torch.Tensor) and logp.shape == (9,)
+    (logp * g).sum().backward()
+    r_logp, _, r_grad = truth64(logits, ids, 1.3)
+    t_logp, _, t_grad = run("torch", logits, ids, 1.3, g, torch.zeros_like(g))
+    assert_no_worse_than_torch("logp", logp, t_logp, r_logp)
+    assert_no_worse_than_torch("grad_logits", x.grad, t_grad, r_grad(g, torch.zeros_like(g)))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiny_batches(backend_name, device, n):
+    logits = torch.randn(n, 33, device=device)
+    ids = torch.randint(0, 33, (n,), device=device)
+    check_against_truth(backend_name, logits, ids, 1.0)
+
+
+def test_masked_vocabulary(backend_name, device):
+    """-inf entries (masked vocab): finite logp/entropy, zero gradient at masked entries."""
+    V = 2053
+    logits = torch.randn(5, V, device=device) * 2
+    logits[0, ::2] = NEG_INF
+    logits[1, 100:] = NEG_INF  # masked tail spanning whole blocks
+    logits[2, :1500] = NEG_INF  # masked head: the running max starts at -inf
+    logits[3, torch.randperm(V)[: V - 1]] = NEG_INF  # one live entry: entropy 0
+    ids = torch.tensor([1, 5, 1600, 0, 7], device=device)
+    ids[3] = int(torch.isfinite(logits[3]).nonzero()[0])
+    g_logp, g_ent = torch.randn(5, device=device), torch.randn(5, device=device)
+    logp, entropy, grad = run(backend_name, logits, ids, 0.9, g_logp, g_ent)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    assert (grad[torch.isinf(logits)] == 0).all()
+    assert abs(float(entropy[3].detach())) < 1e-6
+    check_against_truth(backend_name, logits, ids, 0.9)
+
+
+def test_nan_row_stays_confined(backend_name, device):
+    logits = torch.randn(4, 1500, device=device)
+    logits[2, 777] = float("nan")
+    ids = torch.randint(0, 1500, (4,), device=device)
+    g_logp, g_ent = torch.randn(4, device=device), torch.randn(4, device=device)
+    logp, entropy, grad = run(backend_name, logits, ids, 1.0, g_logp, g_ent)
+    assert torch.isnan(logp[2]) and torch.isnan(entropy[2]) and torch.isnan(grad[2]).all()
+    keep = torch.tensor([0, 1, 3], device=device)
+    assert torch.isfinite(logp[keep]).all() and torch.isfinite(entropy[keep]).all() and torch.isfinite(grad[keep]).all()
+    r_logp, r_entropy, r_grad = truth64(logits[keep], ids[keep], 1.0)
+    torch.testing.assert_close(logp[keep].double(), r_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[keep].double(), r_entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad[keep].double(), r_grad(g_logp[keep], g_ent[keep]), rtol=0, atol=1e-6)
+
+
+def test_non_contiguous_logits(backend_name, device):
+    base = torch.randn(6, 2 * 1200, device=device)
+    logits = base[:, ::2]  # row stride 2400, element stride 2
+    ids = torch.randint(0, 1200, (6,), device=device)
+    check_against_truth(backend_name, logits, ids, 1.0)
+
+
+BAD_INPUTS = [
+    ("ids", lambda x, i: (x, torch.full_like(i, x.shape[-1]))),  # id == V
+    ("ids", lambda x, i: (x, torch.full_like(i, -1))),
+    ("ids", lambda x, i: (x, i[:-1])),  # shape mismatch
+    ("ids", lambda x, i: (x, i.float())),
+    ("logits", lambda x, i: (x.long(), i)),
+    ("logits", lambda x, i: (x[..., :0], i)),  # empty vocabulary
+    ("logits", lambda x, i: ("not a tensor", i)),
+    ("ids", lambda x, i: (x, i.to("meta"))),  # another device
+]
+
+
+@pytest.mark.parametrize("name,make", BAD_INPUTS)
+def test_bad_input_raises_value_error(backend_name, device, name, make):
+    logits, ids = torch.randn(3, 11, device=device), torch.randint(0, 11, (3,), device=device)
+    bad_logits, bad_ids = make(logits, ids)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=name):
+        ops.token_logprobs(bad_logits, bad_ids)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_temperature(backend_name, device, temperature):
+    with engine.backend(backend_name), pytest.raises(ValueError, match="temperature"):
+        ops.token_logprobs(torch.randn(2, 5, device=device), torch.zeros(2, dtype=torch.long, device=device), temperature=temperature)
+
+
+def test_reference_is_the_plain_expression(device):
+    logits, ids = torch.randn(4, 50, device=device), torch.randint(0, 50, (4,), device=device)
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(reference.token_logprobs(logits, ids), expected)
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_opcheck(backend_name, device, return_entropy):
+    if backend_name == "torch":
+        pytest.skip("the torch backend is the plain reference, no custom op")
+    from engine.token_logprobs import token_logprobs_backward_op, token_logprobs_op
+
+    logits = torch.randn(5, 300, device=device, requires_grad=True)
+    ids = torch.randint(0, 300, (5,), device=device)
+    torch.library.opcheck(token_logprobs_op, (logits, ids, 0.8, return_entropy, backend_name))
+    _, entropy, stats = token_logprobs_op(logits.detach(), ids, 0.8, True, backend_name)
+    g = torch.randn(5, device=device)
+    torch.library.opcheck(token_logprobs_backward_op, (logits.detach(), ids, stats, entropy, g, g, 0.8, backend_name))
+
+
+def test_torch_compile_fullgraph(backend_name, device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="inductor" if backend_name == "cpp" else "aot_eager")
+    def f(logits, ids):
+        logp, entropy = ops.token_logprobs(logits, ids, temperature=0.9, return_entropy=True)
+        return (logp + 0.1 * entropy).sum()
+
+    logits = torch.randn(2, 3, 257, device=device)
+    ids = torch.randint(0, 257, (2, 3), device=device)
+    x, x_ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    with engine.backend(backend_name):
+        out = f(x, ids)
+        out.backward()
+        logp, entropy = ops.token_logprobs(x_ref, ids, temperature=0.9, return_entropy=True)
+        ref = (logp + 0.1 * entropy).sum()
+        ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+_CAPABILITY_SCRIPT = """
+import sys, torch, engine, engine.ops as ops
+torch.manual_seed(0)
+x = (torch.randn(5, 2500) * 3).to(getattr(torch, sys.argv[2])).requires_grad_()
+x.data[1, ::3] = float("-inf")
+ids = torch.randint(0, 2500, (5,))
+with engine.backend("cpp"):
+    logp, ent = ops.token_logprobs(x, ids, temperature=0.7, return_entropy=True)
+(logp.sum() + 0.5 * ent.sum()).backward()
+torch.save((logp.detach(), ent.detach(), x.grad), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_capability_builds_agree(tmp_path, device, dtype):
+    """The AVX-512, AVX2 and portable builds of the row kernels (ATEN_CPU_CAPABILITY caps the
+    choice once per process, hence subprocesses) give the same results."""
+    import os
+    import subprocess
+    import sys
+
+    if device.type != "cpu" or "cpp" not in engine.available_backends("cpu"):
+        pytest.skip("needs the cpp backend on CPU tensors")
+    outs = {}
+    for cap in ("avx512", "avx2", "default"):
+        path = tmp_path / f"{cap}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(path), dtype], env=env, check=True, timeout=300)
+        outs[cap] = torch.load(path)
+    # fp32 sums differ in the last bits between builds; a bf16 gradient may round one ulp apart
+    grad_rtol = 1e-5 if dtype == "float32" else 2**-7
+    for cap in ("avx2", "default"):
+        for name, a, b in zip(("logp", "entropy", "grad"), outs[cap], outs["avx512"]):
+            rtol = grad_rtol if name == "grad" else 1e-5
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-5, msg=f"{cap} vs avx512: {name}")

@@ -1,0 +1,172 @@
+"""Triton kernels of `token_logprobs`: one program per row, looping over the vocabulary in blocks.
+
+Forward keeps an online (max m, S = sum e^(z-m), T = sum e^(z-m) (z-m)) per row: lse = m + log S,
+entropy = log S - T/S; it returns stats [N, 2] = (m, log S). Backward recomputes
+p = e^((z - m) - log S) block by block:
+dlogits = (g_logp (onehot - p) + g_ent p (lse - entropy - z)) / temperature.
+A NaN in a row makes that row's outputs and gradients NaN (counted explicitly: `tl.max` does not
+promise to propagate NaN); rows with -inf entries (masked vocabulary) stay finite.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from engine import _triton
+
+__all__ = ["token_logprobs_fwd", "token_logprobs_bwd"]
+
+# The vocabulary size bounds each row's loop. On a GPU it is a runtime argument (one compile for
+# every V). The interpreter (Triton 3.6 with numpy >= 2.4) cannot turn a runtime scalar into a
+# `range` bound, so there V is a constexpr, which costs nothing without a compiler. The name must
+# be `constexpr`: the interpreter re-parses the kernel's source with postponed annotations and
+# compares the annotation's text; Triton's compiler evaluates it (None: a runtime argument).
+constexpr = tl.constexpr if _triton.interpreting() else None
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, ids_ptr, logp_ptr, stats_ptr, entropy_ptr,
+    V: constexpr, stride_row, temperature,
+    RETURN_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    n_nan = 0
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) / temperature
+        n_nan += tl.sum((z != z).to(tl.int32), axis=0)
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        # while every entry so far is -inf, shift by 0: all terms are exactly 0 either way
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - safe_m))
+        d = z - safe_m
+        e = tl.exp(d)
+        if RETURN_ENTROPY:
+            shift = tl.where(m == float("-inf"), 0.0, m - safe_m)
+            # masked entries (e = 0, d = -inf) add 0, not 0 * -inf
+            t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = new_m
+    nan = float("nan")
+    m = tl.where(n_nan > 0, nan, m)
+    log_s = tl.log(s)
+    tok = tl.load(ids_ptr + row).to(tl.int64)
+    ok = (tok >= 0) & (tok < V)  # the launcher checked; never read outside the row regardless
+    z_tok = tl.load(base + tok, mask=ok, other=nan).to(tl.float32) / temperature
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
+    # (z - m) - log S, rounded as log_softmax rounds it
+    tl.store(logp_ptr + row, (z_tok - m) - log_s)
+    if RETURN_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(n_nan > 0, nan, log_s - t / s))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, grad_ptr, ids_ptr, stats_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    V: constexpr, stride_row, stride_grad_row, temperature,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    gbase = grad_ptr + row * stride_grad_row
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
+    g_logp = 0.0
+    g_ent = 0.0
+    ent = 0.0
+    if HAS_GRAD_LOGP:
+        g_logp = tl.load(grad_logp_ptr + row)
+    if HAS_GRAD_ENTROPY:
+        g_ent = tl.load(grad_entropy_ptr + row)
+        ent = tl.load(entropy_ptr + row)
+    # with d = z - m: dz = p (coef - g_ent d) + [j == id] g_logp, coef = -g_logp + g_ent (log S - entropy)
+    coef = -g_logp + g_ent * (log_s - ent)
+    # no finite max (a NaN row, or no finite logit): the whole row's gradient is NaN, as in the reference
+    bad = (m != m) | (m == float("inf")) | (m == float("-inf")) | (log_s != log_s) | (coef != coef)
+    poison = tl.where(bad, float("nan"), 0.0)
+    tok = tl.load(ids_ptr + row).to(tl.int64)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < V
+        d = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature - m
+        p = tl.exp(d - log_s)
+        # masked entries (p = 0, d = -inf) get 0; d is zeroed first so no 0 * inf is ever formed
+        dz = p * (coef - g_ent * tl.where(p > 0.0, d, 0.0))
+        dz = tl.where(offs == tok, dz + g_logp, dz)
+        tl.store(gbase + offs, ((dz + poison) / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(V: int, block: int | None) -> int:
+    if block is not None:
+        return block
+    # the interpreter runs a block as one numpy op: bigger is faster there; on a GPU 4096 fp32
+    # per iteration keeps registers in check
+    return min(triton.next_power_of_2(V), 16384 if _triton.interpreting() else 4096)
+
+
+def _warps(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def token_logprobs_fwd(
+    *, logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits: [N, V], ids: [N] in [0, V) -> (logp [N], entropy [N] or [0], stats [N, 2]) fp32."""
+    logits = _rows(logits)
+    N, V = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp, stats = torch.empty(N, **f32), torch.empty(N, 2, **f32)
+    entropy = torch.empty(N if return_entropy else 0, **f32)
+    if N == 0:
+        return logp, entropy, stats
+    BLOCK = _block(V, block)
+    _token_logprobs_fwd_kernel[(N,)](
+        logits, ids.contiguous(), logp, stats, entropy if return_entropy else logp,
+        V, logits.stride(0), float(temperature),
+        RETURN_ENTROPY=return_entropy, BLOCK=BLOCK, num_warps=_warps(BLOCK),
+    )
+    return logp, entropy, stats
+
+
+def token_logprobs_bwd(
+    *,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    stats: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    out: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """grad_logits [N, V] in the logits dtype. `out` may be `logits` itself (in place)."""
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError("out must have a contiguous last dim")
+    logits = logits if out is logits else _rows(logits)
+    N, V = logits.shape
+    grad = out if out is not None else torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return grad
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    grad_logp, grad_entropy = f32(grad_logp), f32(grad_entropy)
+    stats = stats.contiguous()
+    BLOCK = _block(V, block)
+    _token_logprobs_bwd_kernel[(N,)](
+        logits, grad, ids.contiguous(), stats,
+        entropy.contiguous() if grad_entropy is not None else stats,
+        grad_logp if grad_logp is not None else stats,
+        grad_entropy if grad_entropy is not None else stats,
+        V, logits.stride(0), grad.stride(0), float(temperature),
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK=BLOCK, num_warps=_warps(BLOCK),
+    )
+    return grad
