@@ -16,8 +16,38 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(engine, m) {
   // ---- token_logprobs (csrc/cpu/token_logprobs.cpp, csrc/cuda/token_logprobs.cu) ----
+  // logits [N, V] (fp32/bf16/fp16), ids [N] int64/int32 -> logp [N] fp32; entropy [N] fp32 ([0] when not asked
+  // for); stats [N, 2] fp32 = (row max m of z, log sum exp(z - m)), so lse = m + log S, kept apart for backward's
+  // precision. z = logits / temperature; one pass per row (online logsumexp), no [N, V] fp32 temporaries.
+  m.def("token_logprobs_fwd(Tensor logits, Tensor ids, float temperature, bool return_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)");
+  // grad_logits [N, V] in the logits dtype: (g_logp (onehot - p) + g_ent p (lse - entropy - z)) / temperature.
+  // An absent upstream grad counts as 0; entropy is read only with grad_entropy.
+  m.def("token_logprobs_bwd(Tensor logits, Tensor ids, Tensor stats, Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> Tensor");
+  // The same, overwriting logits with grad_logits (the fused LM head reuses its chunk buffer).
+  m.def("token_logprobs_bwd_inplace(Tensor(a!) logits, Tensor ids, Tensor stats, Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> ()");
 
   // ---- grpo (csrc/cpu/grpo.cpp, csrc/cuda/grpo.cu) ----
+  // rewards [B] -> adv [B] fp32 (no autograd: advantages are constants)
+  m.def("group_advantages_fwd(Tensor rewards, int group_size, str scale, float eps) -> Tensor");
+  // logp/old_logp/ref_logp [B, T] one float dtype, advantages fp32 [B] or [B, T], mask bool/fp32 [B, T]
+  // -> (loss [] fp32, metrics [4] fp32: clipfrac_high, clipfrac_low, ppo_kl, kl; row_weight [B] fp32)
+  m.def(
+      "grpo_loss_fwd(Tensor logp, Tensor advantages, Tensor mask, Tensor? old_logp, Tensor? ref_logp, "
+      "float clip_low, float clip_high, float? dual_clip, float kl_coef, str kl_type, str loss_agg) "
+      "-> (Tensor, Tensor, Tensor)");
+  // -> dlogp [B, T] in logp's dtype = grad_loss * row_weight[b] * mask * d(pg + kl_coef * kl)/dlogp
+  m.def(
+      "grpo_loss_bwd(Tensor grad_loss, Tensor logp, Tensor advantages, Tensor mask, Tensor? old_logp, "
+      "Tensor? ref_logp, Tensor row_weight, float clip_low, float clip_high, float? dual_clip, float kl_coef, "
+      "str kl_type) -> Tensor");
 
   // ---- vision (csrc/cpu/vision.cpp, csrc/cuda/vision.cu) ----
+  // Qwen-VL patch embedding (Conv3d with kernel == stride) as a GEMM; images: each [B_i, C, H_i, W_i].
+  // mean/std/rescale: the image processor's normalization; grad_bias is [D] (the Python side drops it
+  // when there is no bias).
+  m.def("patch_embed_fwd(Tensor pixel_values, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("patch_embed_bwd(Tensor grad, Tensor pixel_values, Tensor weight) -> (Tensor, Tensor, Tensor)");
+  m.def("patchify_fwd(Tensor[] images, int patch_size, int temporal_patch_size, int merge_size, float[] mean, float[] std, float rescale) -> Tensor");
+  m.def("patchify_embed_fwd(Tensor[] images, Tensor weight, Tensor? bias, int merge_size, float[] mean, float[] std, float rescale) -> Tensor");
+  m.def("patchify_embed_bwd(Tensor grad, Tensor[] images, Tensor weight, int merge_size, float[] mean, float[] std, float rescale) -> (Tensor, Tensor)");
 }

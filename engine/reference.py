@@ -47,4 +47,194 @@ def linear_token_logprobs(
 
 # ---- group_advantages, grpo_loss ----
 
+GRPO_KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
+GRPO_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """rewards: [B] (B a multiple of group_size) -> adv: [B] fp32, a constant (no gradient, as in EasyR1).
+
+    adv = (r - mean_g) / (std_g + eps) over each group of `group_size` consecutive rows, std unbiased
+    (N - 1; a group of one has std 0). scale="batch": std of the whole batch; "none": r - mean_g only.
+    Values are shifted by the group's (batch's) first reward before averaging, so a group of equal
+    rewards gives exactly 0, not rounding noise divided by eps.
+    """
+    with torch.no_grad():
+        r = rewards.detach().float().reshape(-1, group_size)
+        d = r - r[:, :1]
+        centered = d - d.mean(-1, keepdim=True)
+        if scale == "none":
+            return centered.reshape(-1)
+        if scale == "group":
+            std = (centered.square().sum(-1, keepdim=True) / max(group_size - 1, 1)).sqrt()
+        else:  # "batch": one std over all B rewards
+            flat = rewards.detach().float().reshape(-1)
+            fd = flat - flat[:1]
+            fc = fd - fd.mean()
+            std = (fc.square().sum() / max(flat.numel() - 1, 1)).sqrt()
+        return (centered / (std + eps)).reshape(-1)
+
+
+def _grpo_safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # num / den where den > 0, else 0 (an empty mask contributes 0, and its gradient is 0, not NaN)
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def grpo_agg(values: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """values, mask: [B, T] fp32 -> 0-dim: the masked aggregate `loss_agg` of `values`.
+
+    token-mean: sum(v*m) / sum(m) over the batch. seq-mean-*: the mean over all B rows of a per-row
+    value: sum(v*m)/sum(m) (token-mean; a row with an empty mask gives 0 and still counts in B, as
+    EasyR1's `average_loss(mode="seq")`), sum(v*m) (token-sum) or sum(v*m)/T (token-sum-norm, Dr.GRPO).
+    """
+    B, T = values.shape
+    vm = values * mask
+    if loss_agg == "token-mean":
+        return _grpo_safe_div(vm.sum(), mask.sum())
+    row = vm.sum(-1)
+    if loss_agg == "seq-mean-token-mean":
+        row = _grpo_safe_div(row, mask.sum(-1))
+    elif loss_agg == "seq-mean-token-sum-norm":
+        row = row / max(T, 1)
+    return row.sum() / max(B, 1)
+
+
+def grpo_kl(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token KL estimate of the policy to the reference (EasyR1 `compute_kl`), fp32."""
+    if kl_type == "low_var_kl":  # k3, clamped for stability as in EasyR1
+        d = (ref_logp - logp).clamp(-20.0, 20.0)
+        return (d.exp() - d - 1).clamp(-10.0, 10.0)
+    if kl_type == "kl":
+        return logp - ref_logp
+    if kl_type == "abs":
+        return (logp - ref_logp).abs()
+    if kl_type == "mse":
+        return 0.5 * (logp - ref_logp).square()
+    raise ValueError(f"kl_type must be one of {GRPO_KL_TYPES}, got {kl_type!r}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    dual_clip: float | None = 3.0,
+    kl_coef: float = 0.0,
+    kl_type: str = "low_var_kl",
+    loss_agg: str = "token-mean",
+):
+    """logp: [B, T], advantages: [B] or [B, T], mask: [B, T] (bool or float weights) -> (loss, metrics).
+
+    EasyR1's clipped policy loss plus a KL loss (DESIGN.md section 1):
+      old = old_logp (or logp.detach()); ratio = exp(clamp(logp - old, -20, 20))
+      pg = max(-A*ratio, -A*clamp(ratio, 1-clip_low, 1+clip_high)); where A < 0 (dual_clip set):
+      pg = min(pg, -A*dual_clip). kl = grpo_kl(logp, ref_logp) when ref_logp is given (else no KL
+      term: kl_coef is then unused). loss = agg(pg) + kl_coef * agg(kl).
+    Gradient flows into logp only: old_logp, ref_logp, advantages and mask are constants.
+    metrics (0-dim fp32, detached, masked token-means): clipfrac_high (pg1 < pg2: the ratio clip is
+    active), clipfrac_low (A < 0 and the dual clip is active; 0 when dual_clip is None), ppo_kl
+    (old - logp), kl (0 without ref_logp).
+    """
+    lp = logp.float()
+    old = lp.detach() if old_logp is None else old_logp.detach().float()
+    adv = advantages.detach().float()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    m = mask.detach().float()
+    ratio = torch.exp((lp - old).clamp(-20.0, 20.0))
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    with torch.no_grad():
+        high_hit = (pg1 < pg2).float()
+        low_hit = torch.zeros_like(pg) if dual_clip is None else ((adv < 0) & (pg > -adv * dual_clip)).float()
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    loss = grpo_agg(pg, m, loss_agg)
+    kl = None
+    if ref_logp is not None:
+        kl = grpo_kl(lp, ref_logp.detach().float(), kl_type)
+        loss = loss + kl_coef * grpo_agg(kl, m, loss_agg)
+    with torch.no_grad():
+        n = m.sum()
+        zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+        metrics = {
+            "clipfrac_high": _grpo_safe_div((high_hit * m).sum(), n),
+            "clipfrac_low": _grpo_safe_div((low_hit * m).sum(), n),
+            "ppo_kl": zero.clone() if old_logp is None else _grpo_safe_div(((old - lp) * m).sum(), n),
+            "kl": zero.clone() if kl is None else _grpo_safe_div((kl * m).sum(), n),
+        }
+    return loss, metrics
+
 # ---- patch_embed, patchify, patchify_embed ----
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """pixel_values: [N, C*Tp*P*P], weight: [D, C, Tp, P, P], bias: [D] -> [N, D] in weight's dtype.
+
+    Qwen-VL's PatchEmbed Conv3d (kernel == stride, one output per patch) is exactly this GEMM.
+    """
+    return torch.nn.functional.linear(pixel_values, weight.reshape(weight.shape[0], -1), bias)
+
+
+def _image_list(images) -> list[torch.Tensor]:
+    """[B, C, H, W] / [C, H, W] tensor or a list of [C, H, W] / [B, C, H, W] tensors -> list of [C, H, W]."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for t in items:
+        out.extend(t.unbind(0) if t.dim() == 4 else [t])
+    return out
+
+
+def patchify(
+    images,
+    *,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+    mean=OPENAI_CLIP_MEAN,
+    std=OPENAI_CLIP_STD,
+    rescale: float = 1 / 255,
+):
+    """images: [B, C, H, W] or [C, H, W] (uint8 or float) or a list of [C, H, W] -> (pixel_values: [N, C*Tp*P*P] fp32,
+    grid_thw: [B, 3] int64), N = sum over images of (H/P)*(W/P).
+
+    Qwen2VLImageProcessor's layout (H, W multiples of P*merge_size): x = (pixel*rescale - mean)/std per channel;
+    patch rows in merge-block order (block row, block col, row in block, col in block); features
+    ordered (channel, frame, row, col) with the one frame repeated Tp times.
+    """
+    P, Tp, M = patch_size, temporal_patch_size, merge_size
+    rows, grids = [], []
+    for img in _image_list(images):
+        C, H, W = img.shape
+        x = (img.double() * rescale).float()
+        m = torch.tensor(mean, dtype=torch.float32, device=img.device).view(C, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=img.device).view(C, 1, 1)
+        x = (x - m) / s
+        gh, gw = H // P, W // P
+        x = x.reshape(C, gh // M, M, P, gw // M, M, P).permute(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, C, ph, pw)
+        x = x.unsqueeze(5).expand(*x.shape[:5], Tp, P, P)
+        rows.append(x.reshape(gh * gw, C * Tp * P * P))
+        grids.append([1, gh, gw])
+    device = rows[0].device if rows else None
+    pixel_values = torch.cat(rows) if rows else torch.empty(0, 0)
+    return pixel_values, torch.tensor(grids, dtype=torch.int64, device=device).reshape(-1, 3)
+
+
+def patchify_embed(images, weight: torch.Tensor, bias: torch.Tensor | None = None, **patch_kw):
+    """images as in `patchify`, weight: [D, C, Tp, P, P], bias: [D] -> (embeds: [N, D] in weight's dtype, grid_thw: [B, 3]).
+
+    The composition the fused kernels replace: patch_embed(patchify(images)) with the fp32 patches cast to
+    the weight's dtype (what the model's PatchEmbed does).
+    """
+    pixel_values, grid_thw = patchify(images, **patch_kw)
+    return patch_embed(pixel_values.to(weight.dtype), weight, bias), grid_thw
