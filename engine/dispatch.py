@@ -106,3 +106,11 @@ def select(op: str, device: torch.device) -> str:
         _logged.add(key)
         log.info("engine.ops.%s on %s uses backend %r: %s", op, device_type, choice, reason)
     return choice
+
+
+@torch._dynamo.assume_constant_result
+def select_backend(op: str, device_type: str) -> str:
+    """`select` for the ops' public functions: run eagerly even under `torch.compile` (it logs,
+    imports and may build the extension, none of which Dynamo can trace); a compiled graph keeps
+    the backend it was traced with."""
+    return select(op, torch.device(device_type))

@@ -32,11 +32,6 @@ _ADV_DTYPES = FLOAT_DTYPES + (torch.float64,)  # cast to fp32: advantages are pe
 _MASK_DTYPES = _ADV_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-@torch._dynamo.assume_constant_result
-def _select(op: str, device_type: str) -> str:
-    """`dispatch.select`, run eagerly under torch.compile (it may build the extension, which Dynamo
-    cannot trace); a compiled graph keeps the backend it was traced with."""
-    return dispatch.select(op, torch.device(device_type))
 
 
 # ---------------------------------------------------------------- group_advantages
@@ -64,7 +59,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    backend = _select("group_advantages", rewards.device.type)
+    backend = dispatch.select_backend("group_advantages", rewards.device.type)
     if backend == "torch":
         return reference.group_advantages(rewards, group_size, scale=scale, eps=eps)
     return _group_advantages_op(rewards.detach().to(torch.float32).contiguous(), group_size, scale, float(eps), backend)
@@ -112,7 +107,7 @@ def grpo_loss(
     Differentiable in logp only; the other tensors are treated as constants.
     """
     _check_grpo_args(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_type, loss_agg)
-    backend = _select("grpo_loss", logp.device.type)
+    backend = dispatch.select_backend("grpo_loss", logp.device.type)
     if backend == "torch":
         return reference.grpo_loss(
             logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high,

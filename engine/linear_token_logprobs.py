@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine import _validate, reference
-from engine.token_logprobs import rows_bwd, rows_fwd, select_backend, upstream
+from engine import _validate, dispatch, reference
+from engine.token_logprobs import rows_bwd, rows_fwd, upstream
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -53,7 +53,7 @@ def linear_token_logprobs(
         `logp: [...]` float32, or `(logp, entropy)`. Differentiable in `hidden`, `weight`, `bias`.
     """
     check_args(hidden, weight, ids, bias, temperature, chunk_size)
-    backend = select_backend("linear_token_logprobs", hidden.device.type)
+    backend = dispatch.select_backend("linear_token_logprobs", hidden.device.type)
     if backend == "torch":
         _validate.check_ids_in_range("ids", ids, weight.shape[0])  # the kernels check their own
         return reference.linear_token_logprobs(

@@ -30,7 +30,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, temperature: floa
         in `logits`; the gradient has the dtype of `logits`.
     """
     check_args(logits, ids, temperature)
-    backend = select_backend("token_logprobs", logits.device.type)
+    backend = dispatch.select_backend("token_logprobs", logits.device.type)
     if backend == "torch":
         _validate.check_ids_in_range("ids", ids, logits.shape[-1])  # the kernels check their own
         return reference.token_logprobs(logits, ids, temperature=temperature, return_entropy=return_entropy)
@@ -53,11 +53,6 @@ def check_args(logits, ids, temperature) -> None:
     _validate.check_positive("temperature", temperature)
 
 
-@torch._dynamo.assume_constant_result
-def select_backend(op: str, device_type: str) -> str:
-    """`dispatch.select`, run eagerly even under torch.compile (it imports and builds the
-    extension, which Dynamo cannot trace); a compiled graph keeps the backend it was traced with."""
-    return dispatch.select(op, torch.device(device_type))
 
 
 # ---- the backends' row kernels: logits [N, V] -> (logp, entropy, stats); backward into grad ----

@@ -44,7 +44,7 @@ def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         raise ValueError(f"pixel_values must be [N, C*Tp*P*P] = [N, {K}] for weight {tuple(weight.shape)}, got {tuple(pixel_values.shape)}")
     if pixel_values.dtype != weight.dtype:
         raise ValueError(f"pixel_values must have weight's dtype {weight.dtype}, got {pixel_values.dtype}")
-    backend = select_backend("patch_embed", weight.device.type)
+    backend = dispatch.select_backend("patch_embed", weight.device.type)
     if backend == "torch":
         return reference.patch_embed(pixel_values, weight, bias)
     return patch_embed_op(pixel_values, weight, bias, backend)
@@ -79,7 +79,7 @@ def patchify(
     if temporal_patch_size < 1:
         raise ValueError(f"temporal_patch_size must be a positive int, got {temporal_patch_size}")
     grid_thw = _grid_thw(imgs, patch_size)
-    backend = select_backend("patchify", imgs[0].device.type)
+    backend = dispatch.select_backend("patchify", imgs[0].device.type)
     kw = dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale)
     if backend == "torch":
         return reference.patchify(imgs, **kw)[0], grid_thw
@@ -121,7 +121,7 @@ def patchify_embed(
     _validate.check_same_device(weight=weight, images=imgs[0], bias=bias)
     _check_norm(mean, std, rescale, C)
     grid_thw = _grid_thw(imgs, patch_size)
-    backend = select_backend("patchify_embed", weight.device.type)
+    backend = dispatch.select_backend("patchify_embed", weight.device.type)
     kw = dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale)
     if backend == "torch":
         return reference.patchify_embed(imgs, weight, bias, **kw)[0], grid_thw
@@ -129,11 +129,6 @@ def patchify_embed(
     return out, grid_thw
 
 
-@torch._dynamo.assume_constant_result
-def select_backend(op: str, device_type: str) -> str:
-    """`dispatch.select`, run eagerly even under torch.compile (it logs, imports and may build the
-    extension, which Dynamo cannot trace); a compiled graph keeps the backend it was traced with."""
-    return dispatch.select(op, torch.device(device_type))
 
 
 # ---- boundary checks ----
