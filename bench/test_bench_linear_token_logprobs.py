@@ -11,7 +11,7 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.test_bench_token_logprobs import peak_bytes
+from bench.common import peak_extra_bytes as peak_bytes
 
 SHAPES = [(4096, 256, 32000)]
 

@@ -5,46 +5,14 @@ Bytes the op must move: forward reads logits once (N·V·elem); backward reads t
 writes the gradient (2·N·V·elem more). Peak extra memory is recorded for forward+backward.
 Run: pytest bench/test_bench_token_logprobs.py --benchmark-only
 """
-import contextlib
-import ctypes
-
 import pytest
 import torch
 
 import engine
 import engine.ops as ops
-from bench.common import peak_extra_bytes
+from bench.common import peak_extra_bytes as peak_bytes
 
 N, V = 4096, 32000
-
-
-@contextlib.contextmanager
-def _glibc_mmaps_large_blocks():
-    """While measuring CPU peak memory through RSS: glibc serves blocks >= 1 MiB from fresh mmaps
-    and freed memory goes back to the OS, so a buffer reused from an earlier round (which RSS
-    would not see grow) is counted. Afterwards the threshold is 32 MiB, where glibc's dynamic
-    threshold settles anyway once a block that large has been freed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: measure as is
-        yield
-        return
-    M_MMAP_THRESHOLD = -3
-    trim(0)
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-
-
-def peak_bytes(fn, device) -> int:
-    """bench.common.peak_extra_bytes, with allocations made visible to RSS on CPU."""
-    if device.type != "cpu":
-        return peak_extra_bytes(fn, device)
-    with _glibc_mmaps_large_blocks():
-        return peak_extra_bytes(fn, device)
 
 
 def _inputs(device, dtype):
