@@ -1,0 +1,184 @@
+"""Atomic checkpoints: an HF folder (safetensors + tokenizer + preprocessor) plus trainer state.
+
+    ckpt = Checkpointer(root)                          # root = output_dir/stage{k}/checkpoints
+    ckpt.save(step, policy, state)                     # -> root/step_0000040, then `latest` -> it
+    path = ckpt.latest()                               # newest complete checkpoint or None
+    state = load_trainer_state(path)                   # optimizer, schedule, RNG, data position, step
+
+Crash safety (SIGKILL at any moment): a checkpoint is written into a hidden temp folder in the
+same parent, every file fsynced, then renamed into place in one `os.rename`; the `latest`
+pointer is a small file replaced with `os.replace`. Old checkpoints are renamed to a hidden
+trash name before being deleted. So every visible `step_*` folder is complete, and `latest`
+names one of them; leftovers of a killed write are hidden and swept on the next start.
+The model folder is an ordinary `save_pretrained` folder: transformers loads it as is.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_tree(folder: str) -> None:
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+class Checkpointer:
+    """Writes and finds checkpoints under `root` (created if missing)."""
+
+    def __init__(self, root: str | os.PathLike, *, keep: int = 2):
+        self.root = os.fspath(root)
+        self.keep = max(1, int(keep))
+        os.makedirs(self.root, exist_ok=True)
+
+    def sweep(self) -> None:
+        """Remove hidden leftovers (temp folders of killed writes, trash)."""
+        for name in os.listdir(self.root):
+            if name.startswith(".tmp-") or name.startswith(".trash-"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        out = []
+        for name in os.listdir(self.root):
+            m = _STEP_DIR.match(name)
+            if m and _is_complete(os.path.join(self.root, name)):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step:07d}")
+
+    def latest(self) -> str | None:
+        """The checkpoint `latest` names, or the newest complete one if the pointer is missing/stale."""
+        pointer = os.path.join(self.root, LATEST)
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                name = f.read().strip()
+            cand = os.path.join(self.root, name)
+            if name and _is_complete(cand):
+                return cand
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    def save(self, step: int, policy, state: dict) -> str:
+        """Write checkpoint `step` atomically (policy folder + `state`), point `latest` at it, prune old ones."""
+        final = self.path(step)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
+        policy.save(tmp)
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # a re-run of the same step: move the old one out of the way first
+            self._trash(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self._point_latest(os.path.basename(final))
+        self._prune(keep_name=os.path.basename(final))
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=self.root)
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.root, LATEST))
+        _fsync_dir(self.root)
+
+    def _trash(self, path: str) -> None:
+        trash = tempfile.mkdtemp(prefix=".trash-", dir=self.root)
+        os.rename(path, os.path.join(trash, os.path.basename(path)))  # atomic: gone from view at once
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _prune(self, *, keep_name: str) -> None:
+        steps = self.steps()
+        for s in steps[: max(0, len(steps) - self.keep)]:
+            if os.path.basename(self.path(s)) != keep_name:
+                self._trash(self.path(s))
+
+    def clear(self) -> None:
+        """Remove every checkpoint (a fresh run in a used folder)."""
+        pointer = os.path.join(self.root, LATEST)
+        if os.path.exists(pointer):
+            os.remove(pointer)
+        for s in self.steps():
+            self._trash(self.path(s))
+        self.sweep()
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer state saved with a checkpoint (our own file: full unpickling is fine)."""
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from: Python, NumPy, torch CPU (and CUDA where present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DataOrder:
+    """A reproducible stream of item indices: a fresh permutation of range(n) per epoch from `seed`.
+
+    `position` (items consumed so far) is all the state: a resumed run sees the same order.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool = True, position: int = 0):
+        if n < 1:
+            raise ValueError(f"the data holds no items (n={n})")
+        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
+        self._epoch, self._perm = -1, None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+            self._epoch = epoch
+        return self._perm
+
+    def take(self, k: int) -> list[int]:
+        """The next k indices (wrapping into the next epoch's permutation)."""
+        out = []
+        for _ in range(k):
+            out.append(self._order(self.position // self.n)[self.position % self.n])
+            self.position += 1
+        return out

@@ -1,0 +1,98 @@
+"""`python -m pebr.eval --model DIR [--data PATH]`: accuracy with the training grader, by task type.
+
+Without --data: held-out procedural items (seed 999, distinct from every training pool).
+Greedy decoding by default. Responses are saved as JSONL (--output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+EVAL_SEED = 999
+
+
+def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: float = 0.0, batch_prompts: int = 32) -> tuple[dict, list[dict]]:
+    """-> (summary {"accuracy", "format", "n", "by_type": {type: {"accuracy", "n"}}}, one record per item)."""
+    from pebr.rewards import accuracy_reward, format_reward
+    from pebr.rollout import generate_rollouts
+
+    records = []
+    for c0 in range(0, len(items), batch_prompts):
+        batch = items[c0 : c0 + batch_prompts]
+        ro = generate_rollouts(policy, batch, n=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
+        for item, text, k in zip(batch, ro.texts, ro.num_tokens):
+            records.append({
+                "id": item.id, "task_type": item.task_type, "problem": item.problem, "answer": item.answer,
+                "response": text, "num_tokens": k, "correct": accuracy_reward(text, item.answer) >= 1.0,
+                "format": format_reward(text),
+            })
+    by = defaultdict(list)
+    for r in records:
+        by[r["task_type"]].append(r["correct"])
+    n = max(len(records), 1)
+    summary = {
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "format": sum(r["format"] for r in records) / n,
+        "n": len(records),
+        "by_type": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(by.items())},
+    }
+    return summary, records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pebr.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder (a checkpoint folder works)")
+    p.add_argument("--data", default=None, help="JSON/JSONL/parquet records; default: held-out procedural items")
+    p.add_argument("--num-items", type=int, default=120, help="procedural items (without --data)")
+    p.add_argument("--kind", choices=["mixed", "perception", "reasoning"], default="mixed", help="procedural item kind")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="procedural item seed (keep it apart from training seeds)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens")
+    p.add_argument("--output", default=None, help="responses JSONL (default: runs/eval/<model path>_<kind>.jsonl)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from pebr import tasks
+    from pebr.policy import load_policy
+
+    if args.data:
+        from pebr.data import load_records
+
+        res = load_records(args.data)
+        print(res.summary(), file=sys.stderr)
+        items = res.items
+    else:
+        items = tasks.generate_items(args.num_items, seed=args.seed, kind=args.kind)
+    if not items:
+        raise SystemExit("error: no items to evaluate")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    policy = load_policy(args.model, device=args.device)
+    summary, records = evaluate(policy, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    slug = os.path.normpath(args.model).strip(os.sep).replace(os.sep, "_")
+    out = args.output or os.path.join("runs", "eval", f"{slug}_{'data' if args.data else args.kind}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    print(f"accuracy {summary['accuracy']:.3f} (format {summary['format']:.3f}) on {summary['n']} items")
+    for t, s in summary["by_type"].items():
+        print(f"  {t:28s} {s['accuracy']:.3f}  (n={s['n']})")
+    print(f"responses: {out}")
+    print(json.dumps({k: v for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The policy: a Qwen2.5-VL model, its tokenizer and its image preprocessing, as one object.
+
+    policy = build_tiny_policy(seed=0)           # random-init tiny Qwen2.5-VL + tokenizer built here
+    policy = load_policy("path/to/hf_folder")    # any Qwen2-VL / Qwen2.5-VL folder (safetensors)
+    batch = policy.encode_prompts(images, problems)   # left-padded prompt ids + vision inputs
+    policy.save(folder)                          # save_pretrained: model, tokenizer, preprocessor
+
+Prompts go through the tokenizer's chat template (one image, then the text); the single
+<|image_pad|> is expanded to the image's token count, as Qwen's processor does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from pebr.images import ImageEncoder
+from pebr.prompts import build_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySize:
+    """Sizes of the built-in tiny Qwen2.5-VL (random init): a few M parameters, fast on 2 CPU cores."""
+
+    hidden_size: int = 128  # text width
+    intermediate_size: int = 384  # text MLP width
+    num_hidden_layers: int = 4  # text depth: enough to copy image facts into words
+    num_attention_heads: int = 4  # head_dim 32 -> mrope_section [4, 6, 6]
+    num_key_value_heads: int = 2  # GQA as in Qwen2.5
+    vision_depth: int = 2  # vision blocks
+    vision_hidden_size: int = 64  # vision width
+    vision_heads: int = 4
+    vision_intermediate_size: int = 128
+    vocab_size: int = 768  # learned BPE vocabulary (special tokens come on top)
+    image_size: int = 112  # procedural images are 112 x 112 -> 8 x 8 patches -> 16 image tokens
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """P prompts, left-padded. input_ids/attention_mask/mm_token_type_ids: [P, L];
+    pixel_values: [N, C*Tp*P*P]; image_grid_thw: [P, 3] (one image per prompt)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+@dataclasses.dataclass
+class Policy:
+    model: torch.nn.Module  # Qwen2_5_VLForConditionalGeneration (or Qwen2-VL)
+    tokenizer: object  # a Qwen2 tokenizer with the Qwen-VL special tokens, left padding
+    images: ImageEncoder  # the preprocessing the model was trained with
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
+        return sorted(i for i in ids if i is not None)
+
+    @property
+    def vision_token_ids(self) -> list[int]:
+        """<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>: never generated."""
+        cfg = self.model.config
+        names = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
+        return sorted({int(getattr(cfg, n)) for n in names if getattr(cfg, n, None) is not None})
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_ids[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_text(self, problem: str) -> str:
+        """The chat-formatted prompt (image first, then `build_prompt(problem)`), ready for the answer."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(problem)}]}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_prompts(self, images, problems) -> PromptBatch:
+        """images: P PIL images, problems: P strings -> PromptBatch (left-padded)."""
+        if len(images) != len(problems):
+            raise ValueError(f"images ({len(images)}) and problems ({len(problems)}) must have the same length")
+        pixel_values, grid = self.images(images)
+        n_tok = self.images.num_tokens(grid).tolist()
+        pad_tok = "<|image_pad|>"
+        rows = []
+        for problem, n in zip(problems, n_tok):
+            text = self.prompt_text(problem)
+            if text.count(pad_tok) != 1:
+                raise ValueError(f"the chat template must place exactly one {pad_tok}, got {text.count(pad_tok)}")
+            rows.append(self.tokenizer(text.replace(pad_tok, pad_tok * n), add_special_tokens=False).input_ids)
+        ids, mask = left_pad(rows, pad_id=self.pad_id)
+        return PromptBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            mm_token_type_ids=(ids == self.image_token_id).to(torch.int32),
+            pixel_values=pixel_values.to(self.model.dtype),
+            image_grid_thw=grid,
+        )
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """save_pretrained of the model (safetensors), tokenizer and preprocessor into `folder`."""
+        os.makedirs(folder, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        self.images.save(folder)
+
+
+def left_pad(rows: list[list[int]], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows of token ids -> (ids [R, L], attention_mask [R, L]), padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def tiny_config(tokenizer, size: TinySize = TinySize()):
+    """A Qwen2_5_VLConfig of `size` whose special-token ids are `tokenizer`'s."""
+    from transformers import Qwen2_5_VLConfig
+
+    from pebr.tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    head_dim = size.hidden_size // size.num_attention_heads
+    half = head_dim // 2  # mrope splits the rotary half-dims over (t, h, w)
+    t = half // 4
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_hidden_layers,
+        num_attention_heads=size.num_attention_heads,
+        num_key_value_heads=size.num_key_value_heads,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=size.vision_depth,
+        hidden_size=size.vision_hidden_size,
+        intermediate_size=size.vision_intermediate_size,
+        num_heads=size.vision_heads,
+        out_hidden_size=size.hidden_size,
+        window_size=112,
+        fullatt_block_indexes=[size.vision_depth - 1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_policy(*, seed: int = 0, size: TinySize = TinySize(), corpus=None) -> Policy:
+    """A random-init tiny Qwen2.5-VL with a BPE tokenizer learned from `corpus` (default: procedural tasks)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pebr.tokenizer import build_tokenizer, default_corpus
+
+    tok = build_tokenizer(corpus=default_corpus() if corpus is None else corpus, vocab_size=size.vocab_size)
+    cfg = tiny_config(tok, size)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = cfg.text_config.eos_token_id
+    model.generation_config.pad_token_id = cfg.text_config.pad_token_id
+    side = size.image_size * size.image_size
+    images = ImageEncoder(min_pixels=min(56 * 56, side), max_pixels=max(side, 56 * 56))
+    return Policy(model=use_engine_kernels(model), tokenizer=tok, images=images)
+
+
+def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
+    """A Qwen2-VL / Qwen2.5-VL HF folder (config.json, safetensors, tokenizer files) -> Policy."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration as cls
+    elif cfg.model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    else:
+        raise ValueError(f"model at {path!r} is a {cfg.model_type!r}; a Qwen2-VL or Qwen2.5-VL model is expected")
+    model = cls.from_pretrained(path, dtype=dtype).to(device)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = "<|endoftext|>"
+    if tok.chat_template is None:
+        from pebr.tokenizer import CHAT_TEMPLATE
+
+        tok.chat_template = CHAT_TEMPLATE
+    return Policy(model=use_engine_kernels(model), tokenizer=tok, images=ImageEncoder.from_folder(path))
+
+
+def use_engine_kernels(model):
+    """Route the vision patch embedding through `engine.ops.patch_embed` (parameters and their
+    names unchanged, so checkpoints save and load as before). Returns `model`."""
+    from engine.patching import patch_model
+
+    return patch_model(model)
