@@ -75,8 +75,10 @@ def test_matches_fp64(backend_name, device, dtype, chunk_size):
 def test_no_bias_and_large_vocab(backend_name, device):
     _skip_interpreter(backend_name)
     V = 50257 if backend_name != "triton" else 3001
-    hidden, weight, _, ids = make((5,), 32, V, torch.float32, device, bias=False)
-    check(backend_name, hidden, weight, None, ids, chunk_size=2)
+    # enough rows x features (2368 gradient entries) that the max-error comparison with torch's own
+    # fp32 error is a stable statistic, not a draw from a handful of entries
+    hidden, weight, _, ids = make((37,), 64, V, torch.float32, device, bias=False)
+    check(backend_name, hidden, weight, None, ids, chunk_size=8)
 
 
 @pytest.mark.parametrize("n", [0, 1])

@@ -166,7 +166,7 @@ void bwd_rows_impl(const TlpBwdArgs& a, int64_t begin, int64_t end) {
       const int64_t padded = load_block(row + j0, buf, n, a.temperature);
       for (int64_t i = 0; i < padded; i += Vec::size()) {
         const Vec d = Vec::loadu(buf + i) - vm;
-        const Vec p = (d - vlogS).exp_u20();
+        const Vec p = (d - vlogS).exp();
         // masked entries (p = 0, d = -inf) get 0, not 0 * inf
         const Vec dz = Vec::blendv(zero, p * (vbase - vgent * d), p != zero);
         ((dz + vpoison) / vt).store(buf + i);
