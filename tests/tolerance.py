@@ -28,5 +28,11 @@ def assert_no_worse_than_torch(
         same = (o == r) | (torch.isnan(o) & torch.isnan(r))
         assert bool(same.all()), f"{name}: non-finite entries differ: {o[~same][:5]} vs {r[~same][:5]}"
     err, torch_err = max_err(out, ref64), max_err(torch_out, ref64)
-    bound = factor * torch_err + floor
-    assert err <= bound, f"{name}: max error {err:.3e} > {factor} x torch's {torch_err:.3e} + {floor:.0e}"
+    # Two fp32 ulps of the largest value: on a few entries torch can land within an ulp of the
+    # truth by luck, and "2x a lucky zero" would demand better than fp32 accumulation can give.
+    finite_ref = ref64.detach().double().cpu()[torch.isfinite(ref64.detach().cpu())]
+    ulp_floor = 2 * torch.finfo(torch.float32).eps * (float(finite_ref.abs().max()) if finite_ref.numel() else 0.0)
+    bound = factor * torch_err + floor + ulp_floor
+    assert err <= bound, (
+        f"{name}: max error {err:.3e} > {factor} x torch's {torch_err:.3e} + {floor:.0e} + 2 fp32 ulps ({ulp_floor:.1e})"
+    )
