@@ -67,3 +67,10 @@ def status() -> tuple[bool, str]:
 
 def has_cuda_kernels() -> bool:
     return status()[0] and torch._C._dispatch_has_kernel_for_dispatch_key("engine::token_logprobs_fwd", "CUDA")
+
+
+def require() -> None:
+    """Raise RuntimeError (with the reason) unless the C++ extension is loaded."""
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"engine: the C++ kernels are not available: {why}")

@@ -7,7 +7,6 @@ which must be switched on (`TRITON_INTERPRET=1`) before any kernel is defined: t
 from __future__ import annotations
 
 import functools
-import os
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,7 +19,9 @@ def _import_status() -> tuple[bool, str]:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from triton_kernels._runtime import interpreting as _interpreting
+
+    return _interpreting()
 
 
 def usable_on(device_type: str) -> tuple[bool, str]:

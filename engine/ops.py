@@ -1,20 +1,15 @@
-"""The public ops. Contracts: `../shared/DESIGN.md` section 1; each lives in its own module.
+"""The public ops. Contracts: `docs/ops.md`; each op lives in `engine/<op>.py`.
 
 Every op dispatches per call (`engine.dispatch.select`) to one of the backends `torch`, `cpp`,
 `cuda`, `triton`; all return fp32 log-probs/losses and gradients in the input's dtype.
 """
 import importlib
 
-# op name -> the module that defines it (one module per op family).
-_HOME = {
-    "token_logprobs": "engine.token_logprobs",
-    "linear_token_logprobs": "engine.linear_token_logprobs",
-    "group_advantages": "engine.grpo",
-    "grpo_loss": "engine.grpo",
-    "patch_embed": "engine.vision",
-    "patchify": "engine.vision",
-    "patchify_embed": "engine.vision",
-}
+# op name -> the module that defines it: one op, one module, the same name.
+_HOME = {name: f"engine.{name}" for name in (
+    "token_logprobs", "linear_token_logprobs", "group_advantages", "grpo_loss", "patch_embed", "patchify",
+    "patchify_embed",
+)}
 __all__ = list(_HOME)
 
 

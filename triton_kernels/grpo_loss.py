@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import _triton
+from triton_kernels import _runtime as _triton
 
 # Loops run a constexpr number of blocks (N_ITERS = cdiv(T, BLOCK_T), N_B_ITERS = cdiv(B, BLOCK_B)):
 # the interpreter (Triton 3.6 with numpy >= 2.4) cannot use a runtime scalar as a `range` bound,

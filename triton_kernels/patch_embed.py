@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import _triton
+from triton_kernels import _runtime as _triton
 
 
 @triton.jit
