@@ -1,5 +1,5 @@
 """grpo_loss forward + backward (old_logp, ref_logp, kl_coef=0.01, low_var_kl, token-mean), each
-backend against autograd through the reference, and the forward alone.
+backend against autograd through the reference, and the forward alone. Contract: docs/ops.md#grpo_loss.
 
 Bytes the op must move: read logp, old_logp, ref_logp, advantages, mask once; write dlogp once.
 Run: pytest bench/test_bench_grpo_loss.py --benchmark-only

@@ -26,9 +26,12 @@ TORCH_LIBRARY(engine, m) {
   // The same, overwriting logits with grad_logits (the fused LM head reuses its chunk buffer).
   m.def("token_logprobs_bwd_inplace(Tensor(a!) logits, Tensor ids, Tensor stats, Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, float temperature) -> ()");
 
-  // ---- grpo (csrc/cpu/grpo.cpp, csrc/cuda/grpo.cu) ----
-  // rewards [B] -> adv [B] fp32 (no autograd: advantages are constants)
+  // ---- group_advantages (csrc/cpu/group_advantages.cpp, csrc/cuda/group_advantages.cu) ----
+  // rewards [B] -> adv [B] fp32 (no autograd: advantages are constants). Option names and codes of
+  // this op and grpo_loss: csrc/grpo_math.h (the order of engine/grpo_options.py).
   m.def("group_advantages_fwd(Tensor rewards, int group_size, str scale, float eps) -> Tensor");
+
+  // ---- grpo_loss (csrc/cpu/grpo_loss.cpp, csrc/cuda/grpo_loss.cu; per-token math: csrc/grpo_math.h) ----
   // logp/old_logp/ref_logp [B, T] one float dtype, advantages fp32 [B] or [B, T], mask bool/fp32 [B, T]
   // -> (loss [] fp32, metrics [4] fp32: clipfrac_high, clipfrac_low, ppo_kl, kl; row_weight [B] fp32)
   m.def(
@@ -41,13 +44,21 @@ TORCH_LIBRARY(engine, m) {
       "Tensor? ref_logp, Tensor row_weight, float clip_low, float clip_high, float? dual_clip, float kl_coef, "
       "str kl_type) -> Tensor");
 
-  // ---- vision (csrc/cpu/vision.cpp, csrc/cuda/vision.cu) ----
-  // Qwen-VL patch embedding (Conv3d with kernel == stride) as a GEMM; images: each [B_i, C, H_i, W_i].
-  // mean/std/rescale: the image processor's normalization; grad_bias is [D] (the Python side drops it
-  // when there is no bias).
+  // ---- patch_embed (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu) ----
+  // Qwen-VL patch embedding (Conv3d with kernel == stride) as a GEMM: pixel_values [N, C*Tp*P*P] in weight's
+  // dtype, weight [D, C, Tp, P, P], bias [D] -> [N, D]. Backward: (grad_pixel_values, grad_weight, grad_bias [D]);
+  // the Python side drops grad_bias when there is no bias.
   m.def("patch_embed_fwd(Tensor pixel_values, Tensor weight, Tensor? bias) -> Tensor");
   m.def("patch_embed_bwd(Tensor grad, Tensor pixel_values, Tensor weight) -> (Tensor, Tensor, Tensor)");
+
+  // ---- patchify (csrc/cpu/patchify.cpp, csrc/cuda/patchify.cu) ----
+  // images: each [B_i, C, H_i, W_i] uint8/float -> the image processor's pixel_values [N, C*Tp*P*P] fp32;
+  // mean/std/rescale: its normalization (x * rescale - mean) / std. No backward: pixels are data.
   m.def("patchify_fwd(Tensor[] images, int patch_size, int temporal_patch_size, int merge_size, float[] mean, float[] std, float rescale) -> Tensor");
+
+  // ---- patchify_embed (csrc/cpu/patchify_embed.cpp, csrc/cuda/patchify_embed.cu) ----
+  // patch_embed(patchify(images)) without writing pixel_values: images as in patchify, weight [D, C, Tp, P, P]
+  // (Tp and P come from it) -> [N, D] in weight's dtype. Backward: (grad_weight, grad_bias [D]).
   m.def("patchify_embed_fwd(Tensor[] images, Tensor weight, Tensor? bias, int merge_size, float[] mean, float[] std, float rescale) -> Tensor");
   m.def("patchify_embed_bwd(Tensor grad, Tensor[] images, Tensor weight, int merge_size, float[] mean, float[] std, float rescale) -> (Tensor, Tensor)");
 }

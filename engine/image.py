@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from engine.reference import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
 
 __all__ = [
     "MIN_PIXELS",
@@ -124,10 +124,6 @@ def load_images(images, **kw) -> list[torch.Tensor]:
     return [load_image(im, **kw) for im in images]
 
 
-def _patch_kw(patch_size, temporal_patch_size, merge_size, mean, std, rescale) -> dict:
-    return dict(patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale)
-
-
 def patchify_images(
     images,
     *,
@@ -142,11 +138,15 @@ def patchify_images(
     device=None,
 ):
     """Images (anything `load_image` takes, or uint8 tensors already sized) -> (pixel_values [N, C*Tp*P*P] fp32,
-    grid_thw [B, 3] int64): what Qwen2VLImageProcessor returns, by `engine.ops.patchify`."""
+    grid_thw [B, 3] int64): what Qwen2VLImageProcessor returns, by `engine.ops.patchify`.
+    The six patch settings are `engine.patch_geometry.PatchGeometry`'s (checked before any image is loaded)."""
     import engine.ops
 
-    imgs = _prepared(images, min_pixels, max_pixels, patch_size, merge_size, device)
-    return engine.ops.patchify(imgs, **_patch_kw(patch_size, temporal_patch_size, merge_size, mean, std, rescale))
+    geometry = PatchGeometry(
+        patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale
+    )
+    imgs = _prepared(images, min_pixels, max_pixels, geometry, device)
+    return engine.ops.patchify(imgs, **geometry.keywords())
 
 
 def embed_images(
@@ -167,8 +167,11 @@ def embed_images(
     `engine.ops.patchify_embed`; uint8 pixels go to weight's device, never to fp32 on the host."""
     import engine.ops
 
-    imgs = _prepared(images, min_pixels, max_pixels, patch_size, merge_size, weight.device)
-    return engine.ops.patchify_embed(imgs, weight, bias, **_patch_kw(patch_size, temporal_patch_size, merge_size, mean, std, rescale))
+    geometry = PatchGeometry(
+        patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale
+    )
+    imgs = _prepared(images, min_pixels, max_pixels, geometry, weight.device)
+    return engine.ops.patchify_embed(imgs, weight, bias, **geometry.keywords())
 
 
 def num_image_tokens(grid_thw: torch.Tensor, *, merge_size: int = 2) -> list[int]:
@@ -176,12 +179,12 @@ def num_image_tokens(grid_thw: torch.Tensor, *, merge_size: int = 2) -> list[int
     return [int(t * h * w) // (merge_size * merge_size) for t, h, w in grid_thw.tolist()]
 
 
-def _prepared(images, min_pixels, max_pixels, patch_size, merge_size, device) -> list[torch.Tensor]:
+def _prepared(images, min_pixels, max_pixels, geometry: PatchGeometry, device) -> list[torch.Tensor]:
     """Tensors [3, H, W] / [B, 3, H, W] already at their `smart_resize` size pass through (any dtype, as
     patchify takes them); everything else is loaded and resized."""
     if not isinstance(images, (list, tuple)):
         images = [images]
-    factor = patch_size * merge_size
+    patch_size, merge_size, factor = geometry.patch_size, geometry.merge_size, geometry.block
     out = []
     for im in images:
         sized = (

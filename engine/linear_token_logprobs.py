@@ -1,18 +1,21 @@
 """`linear_token_logprobs`: token log-probs through the LM head without materializing `[N, V]` logits.
 
+No kernels of its own (hence no csrc/ or triton_kernels/ file, see tests/test_layout.py): it is a
+chunked matmul around `token_logprobs`' row kernels, which `engine/kernels.py` returns per backend.
 `token_logprobs(hidden @ weight.T + bias, ids)`, computed one chunk of rows at a time: the
-chunk's logits (`[chunk, V]`, in the input dtype; the matmul accumulates in fp32) go through the
-backend's fused row kernel, forward and backward. Backward recomputes each chunk's logits into
-the same buffer, turns them into dlogits in place, then `dhidden[chunk] = dlogits @ W`,
-`dW += dlogits.T @ hidden[chunk]`, `dbias += dlogits.sum(0)`. Peak extra memory: one chunk
-buffer plus the gradients themselves. Contract: `../shared/DESIGN.md` section 1.
+chunk's logits (`[chunk, V]`, in the input dtype; the matmul accumulates in fp32) go through
+`token_logprobs_fwd`, forward and backward. Backward recomputes each chunk's logits into the same
+buffer, turns them into dlogits in place (`token_logprobs_bwd_inplace`), then
+`dhidden[chunk] = dlogits @ W`, `dW += dlogits.T @ hidden[chunk]`, `dbias += dlogits.sum(0)`.
+Peak extra memory: one chunk buffer plus the gradients themselves.
+Contract: `docs/ops.md#linear_token_logprobs`.
 """
 from __future__ import annotations
 
 import torch
 
-from engine import _validate, dispatch, reference
-from engine.token_logprobs import rows_bwd, rows_fwd, upstream
+from engine import _validate, dispatch, kernels, reference
+from engine.token_logprobs import upstream
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -120,12 +123,14 @@ def linear_token_logprobs_op(
     entropy = torch.empty(n if return_entropy else 0, **f32)
     if n == 0:
         return logp, entropy, stats
-    _validate.check_ids_in_range("ids", ids, V)  # before any chunk runs; the row kernels check again
+    # once for every backend, before any chunk runs (the CUDA and Triton kernels cannot raise)
+    _validate.check_ids_in_range("ids", ids, V)
+    fwd = kernels.get("token_logprobs_fwd", backend)
     buf = hidden.new_empty((min(chunk_size, n), V))
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         z = _chunk_logits(hidden[s:e], weight, bias, buf[: e - s])
-        lp, ent, st = rows_fwd(backend, z, ids[s:e], temperature, return_entropy)
+        lp, ent, st = fwd(logits=z, ids=ids[s:e], temperature=temperature, return_entropy=return_entropy)
         logp[s:e], stats[s:e] = lp, st
         if return_entropy:
             entropy[s:e] = ent
@@ -169,15 +174,17 @@ def linear_token_logprobs_backward_op(
     grad_bias = torch.zeros(V if need_bias else 0, **f32)
     if n == 0 or not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    bwd_inplace = kernels.get("token_logprobs_bwd_inplace", backend)
     buf = hidden.new_empty((min(chunk_size, n), V))
     partial = torch.empty_like(weight) if need_weight and not exact else None  # one chunk's dW, then fp32
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         h = hidden[s:e]
-        z = _chunk_logits(h, weight, bias, buf[: e - s])
+        dz = _chunk_logits(h, weight, bias, buf[: e - s])
         g = lambda t: None if t is None else t[s:e]  # noqa: E731
-        dz = rows_bwd(backend, z, ids[s:e], stats[s:e], entropy[s:e] if entropy.numel() else entropy,
-                      g(grad_logp), g(grad_entropy), temperature, out=z)
+        # the chunk's logits become its dlogits in the same buffer
+        bwd_inplace(logits=dz, ids=ids[s:e], stats=stats[s:e], entropy=entropy[s:e] if entropy.numel() else entropy,
+                    grad_logp=g(grad_logp), grad_entropy=g(grad_entropy), temperature=temperature)
         if need_hidden:
             torch.mm(dz, weight, out=grad_hidden[s:e])
         if need_weight and exact:

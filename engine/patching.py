@@ -15,6 +15,8 @@ import types
 
 import torch
 
+import engine.ops
+
 __all__ = ["patch_model", "unpatch_model", "token_logprobs_from_model", "find_patch_embeds", "mm_token_type_ids"]
 
 
@@ -45,18 +47,6 @@ def mm_token_type_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.
         if token is not None:
             out[input_ids == token] = value
     return out
-
-
-def _linear_token_logprobs():
-    # The fused op lives in engine/linear_token_logprobs.py; the reference has the same contract.
-    try:
-        import engine.ops
-
-        return engine.ops.linear_token_logprobs
-    except (ImportError, AttributeError):  # module not there yet: same maths, logits materialized
-        from engine import reference
-
-        return reference.linear_token_logprobs
 
 
 def token_logprobs_from_model(
@@ -96,7 +86,7 @@ def token_logprobs_from_model(
     model_kwargs.setdefault("use_cache", False)
     out = base(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return _linear_token_logprobs()(
+    return engine.ops.linear_token_logprobs(
         hidden[:, :-1],
         head.weight,
         input_ids[:, 1:],
@@ -131,8 +121,6 @@ def find_patch_embeds(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
 
 def _engine_patch_embed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """hidden_states: [N, C*Tp*P*P] (any float dtype) -> [N, D] in the weight's dtype, as the Conv3d does."""
-    import engine.ops
-
     weight = self.proj.weight
     x = hidden_states.reshape(-1, weight[0].numel()).to(dtype=weight.dtype)
     return engine.ops.patch_embed(x, weight, self.proj.bias)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from engine import patch_geometry as _patch_geometry
+from engine.grpo_options import KL_TYPES as _GRPO_KL_TYPES
+
 # ---- token_logprobs, linear_token_logprobs ----
 
 
@@ -46,10 +49,7 @@ def linear_token_logprobs(
     return token_logprobs(logits, ids, temperature=temperature, return_entropy=return_entropy)
 
 # ---- group_advantages, grpo_loss ----
-
-GRPO_KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
-GRPO_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-ADVANTAGE_SCALES = ("group", "batch", "none")
+# Option names, in the order that is the kernels' codes: engine/grpo_options.py (the one definition).
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -112,7 +112,7 @@ def grpo_kl(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str) -> torch.T
         return (logp - ref_logp).abs()
     if kl_type == "mse":
         return 0.5 * (logp - ref_logp).square()
-    raise ValueError(f"kl_type must be one of {GRPO_KL_TYPES}, got {kl_type!r}")
+    raise ValueError(f"kl_type must be one of {_GRPO_KL_TYPES}, got {kl_type!r}")
 
 
 def grpo_loss(
@@ -131,7 +131,7 @@ def grpo_loss(
 ):
     """logp: [B, T], advantages: [B] or [B, T], mask: [B, T] (bool or float weights) -> (loss, metrics).
 
-    EasyR1's clipped policy loss plus a KL loss (DESIGN.md section 1):
+    EasyR1's clipped policy loss plus a KL loss (docs/ops.md#grpo_loss):
       old = old_logp (or logp.detach()); ratio = exp(clamp(logp - old, -20, 20))
       pg = max(-A*ratio, -A*clamp(ratio, 1-clip_low, 1+clip_high)); where A < 0 (dual_clip set):
       pg = min(pg, -A*dual_clip). kl = grpo_kl(logp, ref_logp) when ref_logp is given (else no KL
@@ -173,9 +173,10 @@ def grpo_loss(
     return loss, metrics
 
 # ---- patch_embed, patchify, patchify_embed ----
+# (the processor's settings, and their checks, are one `PatchGeometry`: engine/patch_geometry.py)
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = _patch_geometry.OPENAI_CLIP_MEAN, _patch_geometry.OPENAI_CLIP_STD
+_DEFAULT_GEOMETRY = _patch_geometry.PatchGeometry()
 
 
 def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,30 +196,23 @@ def _image_list(images) -> list[torch.Tensor]:
     return out
 
 
-def patchify(
-    images,
-    *,
-    patch_size: int = 14,
-    temporal_patch_size: int = 2,
-    merge_size: int = 2,
-    mean=OPENAI_CLIP_MEAN,
-    std=OPENAI_CLIP_STD,
-    rescale: float = 1 / 255,
-):
-    """images: [B, C, H, W] or [C, H, W] (uint8 or float) or a list of [C, H, W] -> (pixel_values: [N, C*Tp*P*P] fp32,
-    grid_thw: [B, 3] int64), N = sum over images of (H/P)*(W/P).
+def patchify(images, *, geometry: _patch_geometry.PatchGeometry = _DEFAULT_GEOMETRY):
+    """images: [B, C, H, W] or [C, H, W] (uint8 or float) or a list of them -> (pixel_values: [N, C*Tp*P*P] fp32,
+    grid_thw: [B, 3] int64), N = sum over images of (H/P)*(W/P). The settings: `geometry`.
 
-    Qwen2VLImageProcessor's layout (H, W multiples of P*merge_size): x = (pixel*rescale - mean)/std per channel;
-    patch rows in merge-block order (block row, block col, row in block, col in block); features
-    ordered (channel, frame, row, col) with the one frame repeated Tp times.
+    Qwen2VLImageProcessor's layout (H, W multiples of P*merge_size): x = (pixel*rescale - mean)/std per channel
+    (rescaled in float64 and rounded once to float32, as the processor does); patch rows in merge-block order
+    (block row, block col, row in block, col in block); features ordered (channel, frame, row, col) with the
+    one frame repeated Tp times.
     """
-    P, Tp, M = patch_size, temporal_patch_size, merge_size
+    g = geometry
+    P, Tp, M = g.patch_size, g.temporal_patch_size, g.merge_size
     rows, grids = [], []
     for img in _image_list(images):
         C, H, W = img.shape
-        x = (img.double() * rescale).float()
-        m = torch.tensor(mean, dtype=torch.float32, device=img.device).view(C, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=img.device).view(C, 1, 1)
+        x = (img.double() * g.rescale).float()
+        m = torch.tensor(g.mean, dtype=torch.float32, device=img.device).view(C, 1, 1)
+        s = torch.tensor(g.std, dtype=torch.float32, device=img.device).view(C, 1, 1)
         x = (x - m) / s
         gh, gw = H // P, W // P
         x = x.reshape(C, gh // M, M, P, gw // M, M, P).permute(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, C, ph, pw)
@@ -230,11 +224,13 @@ def patchify(
     return pixel_values, torch.tensor(grids, dtype=torch.int64, device=device).reshape(-1, 3)
 
 
-def patchify_embed(images, weight: torch.Tensor, bias: torch.Tensor | None = None, **patch_kw):
+def patchify_embed(
+    images, weight: torch.Tensor, bias: torch.Tensor | None = None, *, geometry: _patch_geometry.PatchGeometry = _DEFAULT_GEOMETRY
+):
     """images as in `patchify`, weight: [D, C, Tp, P, P], bias: [D] -> (embeds: [N, D] in weight's dtype, grid_thw: [B, 3]).
 
     The composition the fused kernels replace: patch_embed(patchify(images)) with the fp32 patches cast to
     the weight's dtype (what the model's PatchEmbed does).
     """
-    pixel_values, grid_thw = patchify(images, **patch_kw)
+    pixel_values, grid_thw = patchify(images, geometry=geometry)
     return patch_embed(pixel_values.to(weight.dtype), weight, bias), grid_thw

@@ -1,8 +1,8 @@
 """`token_logprobs`: log-probability (and entropy) of given tokens under softmax(logits / temperature).
 
-Contract: `../shared/DESIGN.md` section 1. The `torch` backend is `engine.reference.token_logprobs`;
-`cpp`/`cuda` run `torch.ops.engine.token_logprobs_fwd/_bwd` (csrc), `triton` runs
-`triton_kernels/token_logprobs.py`. Every fast backend goes through one custom op,
+Contract: `docs/ops.md#token_logprobs`. The `torch` backend is `engine.reference.token_logprobs`;
+every fast backend runs the kernels `token_logprobs_fwd/_bwd/_bwd_inplace` that `engine/kernels.py`
+returns for it (csrc for `cpp`/`cuda`, `triton_kernels/token_logprobs.py` for `triton`), through one custom op,
 `engine::token_logprobs` -> `(logp, entropy, stats)`, whose backward is `engine::token_logprobs_backward`.
 `stats: [N, 2]` = (row max of z, log sum exp(z - max)): the logsumexp in two parts, so that backward
 rounds `z - lse` as `log_softmax` does; it is internal and not differentiable.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import _validate, dispatch, reference
+from engine import _validate, dispatch, kernels, reference
 
 __all__ = ["token_logprobs"]
 
@@ -53,55 +53,6 @@ def check_args(logits, ids, temperature) -> None:
     _validate.check_positive("temperature", temperature)
 
 
-
-
-# ---- the backends' row kernels: logits [N, V] -> (logp, entropy, stats); backward into grad ----
-
-
-def rows_fwd(backend: str, logits, ids, temperature: float, return_entropy: bool):
-    """(logp [N], entropy [N] or [0], stats [N, 2]) fp32 from logits [N, V] on `backend`."""
-    if backend in ("cpp", "cuda"):
-        _require_extension()
-        if backend == "cuda":
-            _validate.check_ids_in_range("ids", ids, logits.shape[-1])  # the CUDA kernel cannot raise
-        return torch.ops.engine.token_logprobs_fwd(logits, ids, temperature, return_entropy)
-    if backend == "triton":
-        from triton_kernels.token_logprobs import token_logprobs_fwd
-
-        _validate.check_ids_in_range("ids", ids, logits.shape[-1])
-        return token_logprobs_fwd(logits=logits, ids=ids, temperature=temperature, return_entropy=return_entropy)
-    raise ValueError(f"token_logprobs has no row kernel for backend {backend!r}")
-
-
-def rows_bwd(backend: str, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature: float, *, out=None):
-    """grad_logits [N, V] in the logits dtype; `out=logits` overwrites the logits in place."""
-    if backend in ("cpp", "cuda"):
-        _require_extension()
-        args = (ids, stats, entropy, grad_logp, grad_entropy, temperature)
-        if out is None:
-            return torch.ops.engine.token_logprobs_bwd(logits, *args)
-        if out is not logits:
-            raise ValueError("out must be logits itself (in-place backward) or None")
-        torch.ops.engine.token_logprobs_bwd_inplace(logits, *args)
-        return logits
-    if backend == "triton":
-        from triton_kernels.token_logprobs import token_logprobs_bwd
-
-        return token_logprobs_bwd(
-            logits=logits, ids=ids, stats=stats, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
-            temperature=temperature, out=out,
-        )
-    raise ValueError(f"token_logprobs has no row kernel for backend {backend!r}")
-
-
-def _require_extension() -> None:
-    from engine import _extension
-
-    ok, why = _extension.status()
-    if not ok:
-        raise RuntimeError(f"the C++ extension is not available: {why}")
-
-
 def upstream(grad, n: int):
     """An upstream grad as fp32, or None when autograd gave none (or an empty one)."""
     if grad is None or grad.numel() != n or n == 0:
@@ -116,8 +67,12 @@ def upstream(grad, n: int):
 def token_logprobs_op(
     logits: torch.Tensor, ids: torch.Tensor, temperature: float, return_entropy: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N, V], ids [N] -> (logp [N], entropy [N] or [0], stats [N, 2]) fp32."""
-    return rows_fwd(backend, logits, ids, temperature, return_entropy)
+    """logits [N, V], ids [N] -> (logp [N], entropy [N] or [0], stats [N, 2]) fp32 on a fast backend."""
+    if backend != "cpp":
+        # the CUDA and Triton kernels cannot raise from the device (the C++ kernel checks ids itself)
+        _validate.check_ids_in_range("ids", ids, logits.shape[-1])
+    fwd = kernels.get("token_logprobs_fwd", backend)
+    return fwd(logits=logits, ids=ids, temperature=temperature, return_entropy=return_entropy)
 
 
 @token_logprobs_op.register_fake
@@ -139,7 +94,9 @@ def token_logprobs_backward_op(
     backend: str,
 ) -> torch.Tensor:
     """grad_logits [N, V] (logits dtype) from the upstream grads of logp and entropy [N]."""
-    return rows_bwd(backend, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature)
+    bwd = kernels.get("token_logprobs_bwd", backend)
+    return bwd(logits=logits, ids=ids, stats=stats, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
+               temperature=temperature)
 
 
 @token_logprobs_backward_op.register_fake

@@ -1,12 +1,23 @@
 """Atomic checkpoints: an HF folder (safetensors + tokenizer + preprocessor) plus trainer state.
 
     ckpt = Checkpointer(root)                          # root = output_dir/stage{k}/checkpoints
-    ckpt.save(step, policy, state)                     # -> root/step_0000040, then `latest` -> it
+    ckpt.save(step, policy, state, world=world, optimizer=opt, rng=rng_state())
+                                                       # -> root/step_0000040, then `latest` -> it
     path = ckpt.latest()                               # newest complete checkpoint or None
-    state = load_trainer_state(path)                   # optimizer, schedule, RNG, data position, step
+    state = load_trainer_state(path)                   # step, data position, schedule, config
+    ckpt.load_optimizer(path, model, opt, state)       # at any world size
+    rng = ckpt.load_rng(path, rank)                    # this rank's RNG streams, or None
+
+What a checkpoint holds: the model as a `save_pretrained` folder written by rank 0 from the full
+state dict (gathered from the FSDP shards to the CPU), so transformers loads it as is;
+`trainer_state.json` (step, data position, scheduler, config; rank 0); the optimizer under
+`optimizer/` through `torch.distributed.checkpoint` (one file per rank, resharded on load, so a
+run may resume with another world size); `rng_rank{r}.pt`, each rank's RNG streams.
+Multi-node runs need the output folder on a file system every node sees.
 
 Crash safety (SIGKILL at any moment): a checkpoint is written into a hidden temp folder in the
-same parent, every file fsynced, then renamed into place in one `os.rename`; the `latest`
+same parent (named by rank 0, every rank writing its part), every file fsynced, then, after a
+barrier, renamed into place by rank 0 in one `os.rename`; the `latest`
 pointer is a small file replaced with `os.replace`. Old checkpoints are renamed to a hidden
 trash name before being deleted. So every visible `step_*` folder is complete, and `latest`
 names one of them; leftovers of a killed write are hidden and swept on the next start.
@@ -14,6 +25,7 @@ The model folder is an ordinary `save_pretrained` folder: transformers loads it 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -23,7 +35,9 @@ import tempfile
 import numpy as np
 import torch
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"
+LEGACY_STATE_FILE = "trainer_state.pt"  # checkpoints written before torch.distributed.checkpoint
+OPTIMIZER_DIR = "optimizer"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -45,7 +59,8 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
+    has_state = any(os.path.isfile(os.path.join(path, f)) for f in (STATE_FILE, LEGACY_STATE_FILE))
+    return has_state and os.path.isfile(os.path.join(path, "config.json"))
 
 
 class Checkpointer:
@@ -86,20 +101,72 @@ class Checkpointer:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
 
-    def save(self, step: int, policy, state: dict) -> str:
-        """Write checkpoint `step` atomically (policy folder + `state`), point `latest` at it, prune old ones."""
+    def save(self, step: int, policy, state: dict, *, world=None, optimizer=None, rng: dict | None = None) -> str:
+        """Write checkpoint `step` atomically, point `latest` at it, prune old ones -> its path.
+
+        policy: its model's full state dict goes to the HF folder; state: JSON-able trainer state;
+        optimizer: saved through torch.distributed.checkpoint; rng: this rank's RNG state. Under
+        data parallelism every rank calls this (collectives inside).
+        """
+        from pebr.distributed import World
+        from pebr.fsdp import full_state_dict
+
+        world = world or World()
         final = self.path(step)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
-        policy.save(tmp)
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # a re-run of the same step: move the old one out of the way first
-            self._trash(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
-        self._point_latest(os.path.basename(final))
-        self._prune(keep_name=os.path.basename(final))
+        tmp = world.broadcast_object(tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
+                                     if world.is_main else None)
+        model_state = full_state_dict(policy.model, distributed=world.distributed)
+        if optimizer is not None:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            osd = get_optimizer_state_dict(policy.model, optimizer)
+            dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(tmp, OPTIMIZER_DIR),
+                     no_dist=not world.distributed)
+        if rng is not None:
+            torch.save(rng, os.path.join(tmp, f"rng_rank{world.rank}.pt"))
+        if world.is_main:
+            policy.save(tmp, state_dict=model_state)
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=1)
+        world.barrier()  # every rank's files are in tmp
+        if world.is_main:
+            _fsync_tree(tmp)
+            if os.path.exists(final):  # a re-run of the same step: move the old one out of the way first
+                self._trash(final)
+            os.rename(tmp, final)
+            os.chmod(final, 0o755)  # mkdtemp makes 0700: let other users and containers read it
+            _fsync_dir(self.root)
+            self._point_latest(os.path.basename(final))
+            self._prune(keep_name=os.path.basename(final))
+        world.barrier()  # nobody returns before the checkpoint is visible
         return final
+
+    def load_optimizer(self, path: str, model, optimizer, state: dict | None = None) -> None:
+        """Restore the optimizer saved with checkpoint `path`, at this run's world size."""
+        opt_dir = os.path.join(path, OPTIMIZER_DIR)
+        if os.path.isdir(opt_dir):
+            import torch.distributed as dist
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+            osd = get_optimizer_state_dict(model, optimizer)  # the layout to read into (state initialized)
+            box = {"optimizer": osd}
+            dcp.load(box, checkpoint_id=opt_dir, no_dist=not dist.is_initialized())
+            set_optimizer_state_dict(model, optimizer, box["optimizer"])
+        elif state is not None and "optimizer" in state:  # a legacy checkpoint: a plain state dict
+            optimizer.load_state_dict(state["optimizer"])
+
+    def load_rng(self, path: str, rank: int) -> dict | None:
+        """Rank `rank`'s RNG state saved with `path` (None when that rank did not exist then)."""
+        f = os.path.join(path, f"rng_rank{rank}.pt")
+        if os.path.isfile(f):
+            return torch.load(f, map_location="cpu", weights_only=False)
+        state = None
+        legacy = os.path.join(path, LEGACY_STATE_FILE)
+        if rank == 0 and os.path.isfile(legacy):
+            state = torch.load(legacy, map_location="cpu", weights_only=False).get("rng")
+        return state
 
     def _point_latest(self, name: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=self.root)
@@ -132,8 +199,13 @@ class Checkpointer:
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:
-    """The trainer state saved with a checkpoint (our own file: full unpickling is fine)."""
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    """The trainer state saved with a checkpoint: step, data_position, scheduler, config, init_model."""
+    f = os.path.join(path, STATE_FILE)
+    if os.path.isfile(f):
+        with open(f) as fh:
+            return json.load(fh)
+    # checkpoints written before trainer_state.json (our own file: full unpickling is fine)
+    return torch.load(os.path.join(path, LEGACY_STATE_FILE), map_location="cpu", weights_only=False)
 
 
 def rng_state() -> dict:

@@ -1,8 +1,11 @@
 """Typed configuration of a PeBR-R1 run, one reason per field; presets are plain functions.
 
     cfg = preset("tiny", stage=1)              # sized for a 2-core CPU
-    cfg = preset("paper", stage=2)             # DESIGN.md section 3 (EasyR1 on Qwen2.5-VL-7B)
+    cfg = preset("paper", stage=2)             # docs/recipe.md (EasyR1 on Qwen2.5-VL-7B)
     cfg = dataclasses.replace(cfg, lr=3e-5)    # CLI overrides do this, field by field
+
+Each field's reason is written once, in `opt(default, help)`: the command lines of `pebr.train`,
+`pebr.sample` and `pebr.eval` take their flags, types, choices and help from it (`pebr.cli`).
 """
 from __future__ import annotations
 
@@ -13,85 +16,124 @@ STAGES = (0, 1, 2)
 STAGE_NAMES = {0: "warm-up SFT", 1: "perception GRPO", 2: "reasoning GRPO"}
 
 
+def opt(default, help: str, *, choices: tuple | None = None):
+    """A config field with its one-line reason (`help`) and, for a closed set, its `choices`
+    (checked by `check_choices` and by the command line)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+def check_choices(cfg) -> None:
+    """ValueError naming the field when a field with `choices` holds another value (None is
+    accepted where it is the field's default)."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices and not (value is None and f.default is None):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 @dataclass
 class SFTConfig:
     """Stage 0: warm-up SFT on reference responses in the structured format."""
 
-    num_items: int = 1024  # procedural items made for the warm-up (a --data file replaces them)
-    epochs: int = 2  # the paper: 2 epochs
-    lr: float = 1e-5  # the paper: 1e-5 (a 7B model that already writes; the tiny one starts from noise)
-    batch_size: int = 16  # sequences per optimizer step
-    micro_batch: int = 16  # sequences per forward (gradient accumulation up to batch_size)
-    warmup_steps: int = 0  # linear LR warm-up, then constant
-    freeze_vision: bool = True  # the paper freezes the vision tower during the warm-up
+    num_items: int = opt(1024, "procedural warm-up items (a --data file replaces them)")
+    epochs: int = opt(2, "warm-up epochs (the paper: 2)")
+    lr: float = opt(1e-5, "warm-up learning rate (the paper: 1e-5, for a 7B model that already writes; the tiny one starts from noise)")
+    batch_size: int = opt(16, "warm-up sequences per optimizer step")
+    micro_batch: int = opt(16, "warm-up sequences per forward (gradient accumulation up to the batch size)")
+    warmup_steps: int = opt(0, "warm-up SFT: linear LR warm-up steps, then constant")
+    freeze_vision: bool = opt(True, "freeze the vision tower during the warm-up (as the paper does)")
 
 
 @dataclass
 class SamplingConfig:
     """Dataset-level sampling: k rollouts per item, split by how many are correct."""
 
-    k: int = 8  # rollouts per item: k/k correct -> easy, 1..k-1 -> medium, 0 -> hard
-    num_items: int = 1024  # procedural items sampled (a --data file replaces them)
-    temperature: float = 1.2  # the paper's sampling temperature
-    top_p: float = 0.99
-    batch_prompts: int = 16  # prompts generated together (each with its k responses)
-    seed: int = 1  # seed of the procedural pool that is sampled and split
+    k: int = opt(8, "rollouts per item: k/k correct -> easy, 1..k-1 -> medium, 0 -> hard")
+    num_items: int = opt(1024, "procedural items in the sampled pool (a --data file replaces them)")
+    temperature: float = opt(1.2, "sampling temperature (the paper: 1.2)")
+    top_p: float = opt(0.99, "sampling nucleus top-p (the paper: 0.99)")
+    batch_prompts: int = opt(16, "prompts generated together (each with its k responses)")
+    seed: int = opt(1, "seed of the procedural pool that is sampled and split (and of its rollouts)")
+
+
+@dataclass
+class EvalConfig:
+    """`python -m pebr.eval`: held-out accuracy with the training grader."""
+
+    num_items: int = opt(120, "procedural items (without --data)")
+    kind: str = opt("mixed", "procedural item kind", choices=("mixed", "perception", "reasoning"))
+    seed: int = opt(999, "procedural item seed: keep it apart from the training pools (SFT 2, sampling 1)")
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)")
+    max_new_tokens: int = opt(96, "response budget in tokens")
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 @dataclass
 class TrainConfig:
     """One stage of the recipe. GRPO fields apply to stages 1 and 2; `sft` to stage 0."""
 
-    stage: int = 1  # 0 warm-up SFT, 1 perception GRPO (easy split), 2 reasoning GRPO (medium split)
-    preset: str = "tiny"  # which preset filled the defaults (recorded in the run)
-    model: str | None = None  # HF folder to start from; None: the previous stage's output (tiny policy for 0)
-    data: str | None = None  # JSON/JSONL/parquet records; None: built-in procedural tasks
-    output_dir: str = "runs"  # stage k writes under output_dir/stage{k}
-    seed: int = 0  # seeds init, data order and sampling
-    max_steps: int | None = None  # stop after this many optimizer steps (None: the epochs below)
-    resume: bool = False  # continue from output_dir/stage{k}'s latest checkpoint
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
-    device: str = "cpu"  # cpu | cuda
+    stage: int = opt(1, "0 warm-up SFT, 1 perception GRPO (easy split), 2 reasoning GRPO (medium split)", choices=STAGES)
+    preset: str = opt("tiny", "tiny: sized for a 2-core CPU; paper: the paper's values (Qwen2.5-VL-7B on GPUs); see docs/recipe.md")
+    model: str | None = opt(None, "HF folder (safetensors) to start from; none: the previous stage's output, or the built-in tiny policy for stage 0")
+    data: str | None = opt(None, "JSON/JSONL/parquet records (images, problem, answer, key_words); none: built-in procedural tasks")
+    output_dir: str = opt("runs", "stage k writes OUT/stage{k}; sampling is cached in OUT/sampling")
+    seed: int = opt(0, "seed of model init, data order and sampling")
+    max_steps: int | None = opt(None, "optimizer steps to run; none: the epochs below")
+    resume: bool = opt(False, "continue from OUT/stage{k}'s latest checkpoint (same data order and RNG)")
+    dtype: str = opt("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
+    device: str = opt("cpu", "cpu or cuda (the command line picks cuda when available)")
 
-    # -- GRPO (DESIGN section 3, item 5)
-    lr: float = 1e-6  # constant after warm-up (the paper: 1e-6)
-    warmup_steps: int = 0  # linear LR warm-up steps
-    weight_decay: float = 1e-2  # AdamW
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
-    grad_clip: float = 1.0  # global grad-norm clip
-    group_size: int = 8  # n responses per prompt (a GRPO group)
-    rollout_batch: int = 560  # prompts per rollout (stage 1: 560, stage 2: 512)
-    mini_batch: int = 112  # prompts per optimizer update (stage 1: 112, stage 2: 128)
-    micro_batch: int = 8  # sequences per forward/backward (gradient accumulation)
-    ppo_epochs: int = 1  # passes over each rollout batch
-    epochs: int = 1  # passes over the stage's data (stage 1: 1, stage 2: 2)
-    temperature: float = 1.2  # rollout sampling temperature (log-probs use the same)
-    top_p: float = 0.99  # rollout nucleus sampling
-    max_new_tokens: int = 2048  # response budget
-    kl_coef: float = 1e-2  # KL to the frozen starting policy, as a loss term
-    kl_type: str = "low_var_kl"  # k3 estimator
-    clip_low: float = 0.2  # PPO ratio clip below
-    clip_high: float = 0.3  # PPO ratio clip above (DAPO clip-higher)
-    dual_clip: float = 3.0  # cap on the loss of negative-advantage tokens
-    loss_agg: str = "token-mean"  # aggregation over masked tokens
-    adv_scale: str = "group"  # GRPO std normalization: group | batch | none (Dr.GRPO)
-    freeze_vision: bool = False  # the paper trains the vision tower in both RL stages
-    online_filter: bool = False  # DAPO: drop groups whose rewards are all equal (no signal)
-    split: str | None = None  # which sampling split to train on (None: easy for stage 1, medium for 2)
-    min_split_items: int = 0  # top the split up from the next one when it holds fewer items
-    clip_model: str | None = None  # CLIP-family folder for the perception reward's clip term
+    # -- scale-out (docs/recipe.md)
+    dist_backend: str = opt("auto", "torch.distributed backend: auto = nccl on CUDA, gloo on CPU", choices=("auto", "nccl", "gloo"))
+    cpu_offload: bool = opt(False, "FSDP2 CPUOffloadPolicy: parameters, gradients and optimizer states on the CPU")
+    gradient_checkpointing: bool = opt(False, "recompute decoder layers and vision blocks in backward (less memory, more compute)")
+
+    # -- GRPO (docs/recipe.md)
+    lr: float = opt(1e-6, "learning rate, constant after warm-up (the paper: 1e-6)")
+    warmup_steps: int = opt(0, "linear LR warm-up steps")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    grad_clip: float = opt(1.0, "global gradient-norm clip")
+    group_size: int = opt(8, "n responses per prompt (a GRPO group)")
+    rollout_batch: int = opt(560, "prompts per rollout, one training step (the paper: 560 stage 1, 512 stage 2)")
+    mini_batch: int = opt(112, "prompts per optimizer update, divides the rollout batch (the paper: 112 stage 1, 128 stage 2)")
+    micro_batch: int = opt(8, "sequences per forward/backward (gradient accumulation)")
+    ppo_epochs: int = opt(1, "passes over each rollout batch")
+    epochs: int = opt(1, "passes over the stage's data when max_steps is not set (the paper: 1 stage 1, 2 stage 2)")
+    temperature: float = opt(1.2, "rollout sampling temperature, log-probs use the same (0: greedy)")
+    top_p: float = opt(0.99, "rollout nucleus sampling")
+    max_new_tokens: int = opt(2048, "response budget in tokens")
+    kl_coef: float = opt(1e-2, "weight of the KL-to-reference loss term, the frozen starting policy (0: no reference model)")
+    kl_type: str = opt("low_var_kl", "KL estimator (low_var_kl: k3)", choices=("low_var_kl", "kl", "abs", "mse"))
+    clip_low: float = opt(0.2, "PPO ratio clip below (1 - clip_low)")
+    clip_high: float = opt(0.3, "PPO ratio clip above (1 + clip_high; DAPO clip-higher)")
+    dual_clip: float = opt(3.0, "dual-clip cap on the loss of negative-advantage tokens")
+    loss_agg: str = opt("token-mean", "loss aggregation over masked tokens",
+                        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    adv_scale: str = opt("group", "GRPO advantage std normalization (none: Dr.GRPO)", choices=("group", "batch", "none"))
+    freeze_vision: bool = opt(False, "freeze the vision tower (the paper trains it in both RL stages)")
+    online_filter: bool = opt(False, "DAPO: drop groups whose rewards are all equal (no signal)")
+    split: str | None = opt(None, "sampling split to train on; none: easy for stage 1, medium for stage 2",
+                            choices=("easy", "medium", "hard", "all"))
+    min_split_items: int = opt(0, "top a small split up from the next one to this many items")
+    clip_model: str | None = opt(None, "CLIP-family HF folder for the perception reward's clip term; none: the scene term on built-in items")
 
     # -- bookkeeping
-    save_every: int = 50  # checkpoint every this many steps (and at the end)
-    keep_checkpoints: int = 2  # checkpoints kept on disk (older ones removed)
-    progress: bool = True  # tqdm progress bar with the running reward
+    save_every: int = opt(50, "checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones removed)")
+    progress: bool = opt(True, "tqdm progress bar with the running reward")
 
     sft: SFTConfig = field(default_factory=SFTConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage}")
+        check_choices(self)
         for name in ("group_size", "rollout_batch", "mini_batch", "micro_batch", "ppo_epochs", "epochs", "max_new_tokens", "save_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,10 +147,8 @@ class TrainConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.split not in (None, "easy", "medium", "hard", "all"):
-            raise ValueError(f"split must be easy, medium, hard or all, got {self.split!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
 
     @property
     def train_split(self) -> str:
@@ -119,7 +159,7 @@ class TrainConfig:
 
 
 def paper(stage: int = 1) -> TrainConfig:
-    """DESIGN.md section 3: the paper's values (EasyR1, Qwen2.5-VL-7B-Instruct, many GPUs)."""
+    """docs/recipe.md: the paper's values (EasyR1, Qwen2.5-VL-7B-Instruct, many GPUs)."""
     cfg = TrainConfig(stage=stage, preset="paper", dtype="bfloat16")
     if stage == 2:
         cfg = dataclasses.replace(cfg, rollout_batch=512, mini_batch=128, epochs=2)

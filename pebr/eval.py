@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import torch
 
-EVAL_SEED = 999
+from pebr.cli import add_fields
+from pebr.config import EvalConfig
 
 
 def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: float = 0.0, batch_prompts: int = 32) -> tuple[dict, list[dict]]:
@@ -45,17 +46,13 @@ def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: floa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pebr.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pebr.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF folder (a checkpoint folder works)")
-    p.add_argument("--data", default=None, help="JSON/JSONL/parquet records; default: held-out procedural items")
-    p.add_argument("--num-items", type=int, default=120, help="procedural items (without --data)")
-    p.add_argument("--kind", choices=["mixed", "perception", "reasoning"], default="mixed", help="procedural item kind")
-    p.add_argument("--seed", type=int, default=EVAL_SEED, help="procedural item seed (keep it apart from training seeds)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens")
+    p.add_argument("--data", default=None, help="JSON/JSONL/parquet records (default: held-out procedural items)")
+    add_fields(p, EvalConfig, only=("num_items", "kind", "seed", "temperature", "max_new_tokens"))
     p.add_argument("--output", default=None, help="responses JSONL (default: runs/eval/<model path>_<kind>.jsonl)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device, help=f"cpu or cuda (default: {device})")
     return p
 
 

@@ -1,15 +1,22 @@
 """GRPO on the engine's ops: the perception (stage 1) and reasoning (stage 2) trainer.
 
     trainer = GRPOTrainer(cfg, policy=policy, reference=frozen_copy, items=items,
-                          reward_fn=fn, run_dir="runs/stage1", init_model="runs/stage0/...")
-    trainer.train()        # train_step() -> rollout() / score() / update(); checkpoints + metrics here only
+                          reward_fn=fn, run_dir="runs/stage1", init_model="runs/stage0/...", world=world)
+    trainer.train()        # pebr.trainer.Trainer's loop; train_step() -> rollout / score / update
 
-One step: take `rollout_batch` prompts in the data order; `rollout` samples n responses each
-(groups stay together, the image is encoded once per prompt); `score` runs the stage's reward;
-`engine.ops.group_advantages` normalizes within each group; `update` splits the groups into
-mini-batches (one AdamW step each) and micro-batches (gradient accumulation), computing
-log-probs through `engine.ops.linear_token_logprobs` on the last hidden states and the loss with
-`engine.ops.grpo_loss`.
+One step: take `rollout_batch` prompts in the global data order, this rank's share of them
+(pebr.distributed.World.share); `rollout` samples n responses each (groups stay together on
+their rank, the image is encoded once per prompt); `score` runs the stage's reward;
+`engine.ops.group_advantages` normalizes within each group (no communication: groups are whole);
+`update` runs one `minibatch_step` (one AdamW step) per mini-batch of groups, each accumulating
+micro-batches, with log-probs from `engine.ops.linear_token_logprobs` on the last hidden states
+and the loss from `engine.ops.grpo_loss`.
+
+Loss normalization is global and independent of the micro-batch split: a micro-batch's
+`grpo_loss` is weighted by its share of the mini-batch's tokens (token-mean) or sequences
+(seq-mean-*), counted over every rank before the first backward. `seq-mean-token-sum-norm`
+(Dr.GRPO) divides each sequence's sum by a constant, `max_new_tokens`, not by the padded width
+of whatever micro-batch it landed in.
 
 Departures from EasyR1, and why:
 - old log-probs are not recomputed when there is one update per rollout (rollout_batch ==
@@ -17,187 +24,124 @@ Departures from EasyR1, and why:
 - reference log-probs are computed per micro-batch just before the policy's forward (no pass
   over the whole batch first), which is the same numbers with less memory held.
 - a step whose gradient norm is not finite is skipped (no optimizer step) and logged.
+- online filtering (DAPO) drops groups with equal rewards on each rank; ranks then run the same
+  number of mini- and micro-batches, a rank short of groups running a zero-weight pass over one
+  of its groups, so that no rank waits in a collective another skipped.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-import os
-import resource
 import time
 
 import torch
 
-from pebr.checkpoint import Checkpointer, DataOrder, load_trainer_state, rng_state, set_rng_state
+from pebr.checkpoint import DataOrder
 from pebr.logprobs import image_features, response_logprobs
-from pebr.rollout import Rollouts, generate_rollouts
+from pebr.rollout import HFRollout, Rollouts, generate_rollouts
+from pebr.trainer import Trainer
+
+# Kept importable from here (other modules and scripts import them from this module).
+from pebr.trainer import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
+
+UPDATE_METRICS = ("loss", "kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "entropy", "rollout_logp_diff")
 
 
-def build_optimizer(model, *, lr: float, weight_decay: float, betas=(0.9, 0.999), warmup_steps: int = 0):
-    """AdamW on the trainable parameters + constant LR after a linear warm-up -> (optimizer, scheduler)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-    warm = max(0, int(warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    return opt, sched
+@dataclasses.dataclass
+class MicroBatch:
+    """Groups of one micro-batch and their weight in the mini-batch loss."""
+
+    groups: list[int]  # prompt indices into the step's (kept) rollouts
+    weight: float  # multiplies grpo_loss: world_size * (this micro-batch's share of the global count)
+    loss_weight: float  # the same without world_size: its share of the logged mini-batch loss
+    compare_rollout: bool  # no optimizer step yet this step: compare logp with the rollout's
 
 
-def set_vision_trainable(model, trainable: bool) -> None:
-    """Freeze or unfreeze the vision tower (model.model.visual)."""
-    for p in model.model.visual.parameters():
-        p.requires_grad_(trainable)
+class GRPOTrainer(Trainer):
+    desc = "GRPO"
 
-
-def peak_mem_mb(device: torch.device) -> float:
-    """CUDA: max_memory_allocated; CPU: the process's RSS high-water mark."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp_min(1))
-
-
-class GRPOTrainer:
-    def __init__(
-        self,
-        cfg,
-        *,
-        policy,
-        reference,
-        items: list,
-        reward_fn,
-        run_dir: str,
-        init_model: str | None,
-        log=print,
-        metrics_log=None,
-    ):
+    def __init__(self, cfg, *, policy, reference, items: list, reward_fn, run_dir: str, init_model: str | None,
+                 log=print, metrics_log=None, world=None):
         """cfg: TrainConfig; policy: the Policy trained in place; reference: a frozen Policy (or None
         when kl_coef == 0); reward_fn(text, item, num_tokens) -> dict with "overall";
-        metrics_log: a `pebr.metrics_log.MetricsLog` (one line per step)."""
+        metrics_log: a `pebr.metrics_log.MetricsLog` (one line per step, written by rank 0)."""
         import engine.ops
 
-        self.cfg, self.policy, self.reference, self.items = cfg, policy, reference, list(items)
-        self.reward_fn, self.run_dir, self.init_model, self.log = reward_fn, run_dir, init_model, log
-        self.metrics_log = metrics_log
+        super().__init__(cfg, policy=policy, run_dir=run_dir, world=world, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                         freeze_vision=cfg.freeze_vision, stage=cfg.stage, init_model=init_model, log=log,
+                         metrics_log=metrics_log)
+        self.desc = f"stage {cfg.stage} GRPO"
+        self.reference, self.items, self.reward_fn = reference, list(items), reward_fn
         self.ops = engine.ops
         self.device = policy.device
-        set_vision_trainable(policy.model, not cfg.freeze_vision)
-        self.opt, self.sched = build_optimizer(
-            policy.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_steps=cfg.warmup_steps
-        )
+        self.ref_runner = None
+        if reference is not None and self.world.distributed:
+            from pebr.fsdp import shard_model
+
+            self.ref_runner = shard_model(reference.model, mixed_bf16=cfg.dtype == "bfloat16",
+                                          cpu_offload=getattr(cfg, "cpu_offload", False))
         self.order = DataOrder(len(self.items), seed=cfg.seed)
-        self.step = 0
         steps_per_epoch = max(1, len(self.items) // cfg.rollout_batch)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        self.ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
-        self.history: list[dict] = []
         self.nonfinite_rewards = 0
+        self.rollout_engine = HFRollout(policy, run=self.run)
 
-    # ---- state
+    def progress_postfix(self, metrics: dict) -> dict:
+        recent = [m["reward/overall"] for m in self.history[-10:]]
+        return {"reward": f"{sum(recent) / len(recent):.3f}", "acc": f"{metrics['accuracy']:.2f}"}
 
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "data_position": self.order.position,
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "rng": rng_state(),
-            "config": self.cfg.to_dict(),
-            "init_model": self.init_model,
-            "stage": self.cfg.stage,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.order.position = int(state["data_position"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-
-    def resume_from(self, path: str) -> None:
-        self.load_state_dict(load_trainer_state(path))
-        if self.metrics_log is not None:
-            self.metrics_log.truncate_after(self.step)
-        self.log(f"resumed from {path} at step {self.step} (data position {self.order.position})")
-
-    def save(self) -> str:
-        return self.ckpt.save(self.step, self.policy, self.state_dict())
-
-    # ---- the loop
-
-    def train(self) -> list[dict]:
-        """Run until `total_steps`; checkpoint every `save_every` steps and at the end."""
-        cfg = self.cfg
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage} GRPO", unit="step")
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            self.history.append(metrics)
-            if self.metrics_log is not None:
-                self.metrics_log.append(metrics)
-            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                self.save()
-            if bar is not None:
-                recent = [m["reward/overall"] for m in self.history[-10:]]
-                bar.set_postfix(reward=f"{sum(recent) / len(recent):.3f}", acc=f"{metrics['accuracy']:.2f}")
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        return self.history
+    # ---- one step
 
     def train_step(self) -> dict:
-        cfg = self.cfg
+        cfg, world = self.cfg, self.world
         t0 = time.perf_counter()
-        idx = self.order.take(cfg.rollout_batch)
+        mini = min(cfg.mini_batch, cfg.rollout_batch)
+        idx = world.share(self.order.take(cfg.rollout_batch), mini)
         ro = self.rollout([self.items[i] for i in idx])
         t_roll = time.perf_counter() - t0
         self.nonfinite_rewards = 0
         rewards, components, accuracy = self.score(ro)
-        metrics = {"step": self.step + 1, "epoch": self.order.epoch, "data_position": self.order.position}
-        metrics["reward/overall"] = float(rewards.mean())
-        for name, vals in components.items():
-            metrics[f"reward/{name}"] = sum(vals) / len(vals)
-        metrics["accuracy"] = sum(accuracy) / len(accuracy)
-        metrics["response_length"] = sum(ro.num_tokens) / len(ro.num_tokens)
-        metrics["truncated"] = sum(ro.truncated) / len(ro.truncated)
-        metrics["reward_nonfinite"] = self.nonfinite_rewards
+        # Per-row means over the whole job: every rank holds the same number of rows.
+        names = sorted(components)
+        local = [float(rewards.mean()), sum(accuracy) / len(accuracy), sum(ro.num_tokens) / len(ro.num_tokens),
+                 sum(ro.truncated) / len(ro.truncated), self.nonfinite_rewards]
+        local += [sum(components[n]) / len(components[n]) for n in names]
+        glob = (world.sum(local) / world.world_size).tolist()
+        metrics = {"step": self.step + 1, "epoch": self.order.epoch, "data_position": self.order.position,
+                   "reward/overall": glob[0], "accuracy": glob[1], "response_length": glob[2], "truncated": glob[3],
+                   "reward_nonfinite": int(round(glob[4] * world.world_size))}
+        metrics.update({f"reward/{n}": v for n, v in zip(names, glob[5:])})
         groups = list(range(len(ro.items)))
         if cfg.online_filter:
             r = rewards.view(-1, cfg.group_size)
             groups = [g for g in groups if float(r[g].max() - r[g].min()) > 0]
-        metrics["groups_kept"] = len(groups)
-        if groups:
-            kept = ro if len(groups) == len(ro.items) else ro.select_groups(groups)
-            r_kept = rewards.view(-1, cfg.group_size)[groups].reshape(-1)
-            adv = self.ops.group_advantages(r_kept, cfg.group_size, scale=cfg.adv_scale)
+        kept_total = int(world.sum([len(groups)])[0])
+        metrics["groups_kept"] = kept_total
+        if kept_total:
+            adv = torch.zeros(len(ro.items) * cfg.group_size)
+            if groups:
+                rows = [g * cfg.group_size + j for g in groups for j in range(cfg.group_size)]
+                adv[rows] = self.ops.group_advantages(rewards[rows], cfg.group_size, scale=cfg.adv_scale).cpu()
             t1 = time.perf_counter()
-            metrics.update(self.update(kept, adv))
+            metrics.update(self.update(ro, adv, groups))
             metrics["update_s"] = time.perf_counter() - t1
-        else:  # every group had equal rewards: no signal, no update
+        else:  # every group of every rank had equal rewards: no signal, no update (on every rank alike)
             metrics.update(skipped=1, skip_reason="all groups filtered")
         self.step += 1
-        dt = time.perf_counter() - t0
-        metrics.update(
-            rollout_s=t_roll,
-            step_time_s=dt,
-            tokens_per_s=sum(ro.num_tokens) / dt,  # generated response tokens per second of the whole step
-            lr=self.sched.get_last_lr()[0],
-            peak_mem_mb=peak_mem_mb(self.device),
-        )
+        metrics["rollout_s"] = t_roll
+        metrics.update(self.step_metrics(t0, sum(ro.num_tokens)))
         return metrics
 
     def rollout(self, items: list) -> Rollouts:
         cfg = self.cfg
-        return generate_rollouts(
-            self.policy, items, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-        )
+        from pebr.fsdp import gathered
+
+        with gathered(self.runner) if self.runner is not None else contextlib.nullcontext():
+            return generate_rollouts(
+                self.policy, items, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens, engine=self.rollout_engine,
+            )
 
     def score(self, ro: Rollouts) -> tuple[torch.Tensor, dict[str, list[float]], list[float]]:
         """-> (rewards [P*n] fp32, component name -> P*n values, accuracy P*n)."""
@@ -220,96 +164,144 @@ class GRPOTrainer:
 
     # ---- update
 
-    def _micro_logprobs(self, policy, ro: Rollouts, groups: list[int], width: int, *, grad: bool, entropy: bool):
-        """log-probs [b, width] of the responses of these groups under `policy` (image once per group)."""
+    def _logprobs(self, which: str, ro: Rollouts, groups: list[int], width: int, *, grad: bool, entropy: bool):
+        """log-probs [b, width] of the responses of these groups under the policy or the reference."""
         n = ro.group_size
         rows = torch.tensor([g * n + j for g in groups for j in range(n)])
         sub = ro.select_groups(groups) if len(groups) != len(ro.items) else ro
         L = ro.prompt_len
         seq = ro.sequences[rows][:, : L + width]
         att = ro.attention_mask[rows][:, : L + width]
-        with torch.set_grad_enabled(grad):
-            feats = image_features(policy.model, sub.prompt.pixel_values, sub.prompt.image_grid_thw)
+        image_token_id = self.policy.image_token_id
+        temperature = self.cfg.temperature if self.cfg.temperature > 0 else 1.0
+
+        def fn(model):
+            feats = image_features(model, sub.prompt.pixel_values, sub.prompt.image_grid_thw)
             return response_logprobs(
-                policy.model, seq, att, prompt_len=L, group_size=n, image_feats=feats,
-                image_grid_thw=sub.prompt.image_grid_thw, image_token_id=policy.image_token_id,
-                temperature=self.cfg.temperature if self.cfg.temperature > 0 else 1.0, return_entropy=entropy,
+                model, seq, att, prompt_len=L, group_size=n, image_feats=feats,
+                image_grid_thw=sub.prompt.image_grid_thw, image_token_id=image_token_id,
+                temperature=temperature, return_entropy=entropy,
             )
 
-    def update(self, ro: Rollouts, adv: torch.Tensor) -> dict:
-        """Mini-batches of whole groups (one AdamW step each), micro-batches for gradient accumulation."""
-        cfg, n = self.cfg, ro.group_size
-        model = self.policy.model
-        model.train()
-        P = len(ro.items)
-        mini = min(cfg.mini_batch, P)
+        with torch.set_grad_enabled(grad):
+            if which == "policy":
+                return self.run(fn)
+            if self.ref_runner is not None:
+                return self.ref_runner(fn)
+            return fn(self.reference.model)
+
+    def _count(self, ro: Rollouts, groups: list[int]) -> float:
+        """What the aggregation averages over, in these groups: tokens (token-mean) or sequences."""
+        if not groups:
+            return 0.0
+        if self.cfg.loss_agg == "token-mean":
+            n = ro.group_size
+            return float(ro.response_mask[[g * n + j for g in groups for j in range(n)]].sum())
+        return float(len(groups) * ro.group_size)
+
+    def plan(self, ro: Rollouts, groups: list[int]) -> list[list[MicroBatch]]:
+        """The step's mini-batches of micro-batches, the same count on every rank, with their weights."""
+        cfg, world, n = self.cfg, self.world, ro.group_size
+        mini_local = max(1, min(cfg.mini_batch, cfg.rollout_batch) // world.world_size)
         micro_groups = max(1, cfg.micro_batch // n)
-        n_updates = math.ceil(P / mini) * cfg.ppo_epochs
+        minis = [groups[m0 : m0 + mini_local] for m0 in range(0, len(groups), mini_local)]
+        # Every rank runs as many mini-batches as the rank with the most, each with as many
+        # micro-batches as the rank with the most in it.
+        n_minis = int(world.max([len(minis)])[0])
+        minis += [[] for _ in range(n_minis - len(minis))]
+        n_micro = world.max([math.ceil(len(m) / micro_groups) for m in minis] or [0]).tolist()
+        totals = world.sum([self._count(ro, m) for m in minis] or [0.0]).tolist()
+        plan, first = [], True
+        for mini, k, total in zip(minis, n_micro, totals):
+            chunks = [mini[c : c + micro_groups] for c in range(0, len(mini), micro_groups)]
+            chunks += [[] for _ in range(int(k) - len(chunks))]
+            mbs = []
+            for chunk in chunks:
+                share = self._count(ro, chunk) / total if total > 0 else 0.0
+                if cfg.loss_agg == "seq-mean-token-sum-norm":
+                    share /= max(1, cfg.max_new_tokens)  # Dr.GRPO's constant, not the micro-batch's width
+                mbs.append(MicroBatch(groups=chunk, weight=share * world.world_size, loss_weight=share,
+                                      compare_rollout=first))
+            plan.append(mbs)
+            first = False
+        return plan
+
+    def update(self, ro: Rollouts, adv: torch.Tensor, groups: list[int] | None = None) -> dict:
+        """One AdamW step per mini-batch of `groups` (default all), ppo_epochs times -> update metrics."""
+        cfg = self.cfg
+        groups = list(range(len(ro.items))) if groups is None else list(groups)
+        self.policy.model.train()
+        plans = [self.plan(ro, groups) for _ in range(cfg.ppo_epochs)]
+        n_updates = sum(len(p) for p in plans)
         old = self._old_logprobs(ro) if n_updates > 1 else None
-        sums = {"loss": 0.0, "kl": 0.0, "ppo_kl": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "entropy": 0.0}
-        weight_total, norms, skipped = 0.0, [], 0
-        for _ in range(cfg.ppo_epochs):
-            for m0 in range(0, P, mini):
-                mini_groups = list(range(m0, min(P, m0 + mini)))
-                mini_rows = [g * n + j for g in mini_groups for j in range(n)]
-                denom = self._agg_denominator(ro.response_mask[mini_rows])
-                self.opt.zero_grad(set_to_none=True)
-                for c0 in range(0, len(mini_groups), micro_groups):
-                    groups = mini_groups[c0 : c0 + micro_groups]
-                    rows = [g * n + j for g in groups for j in range(n)]
-                    mask = ro.response_mask[rows]
-                    width = max(1, int(mask.sum(0).nonzero().max()) + 1) if mask.any() else 1
-                    mask = mask[:, :width]
-                    ref = None
-                    if self.reference is not None and cfg.kl_coef > 0:
-                        ref = self._micro_logprobs(self.reference, ro, groups, width, grad=False, entropy=False)
-                    logp, ent = self._micro_logprobs(self.policy, ro, groups, width, grad=True, entropy=True)
-                    loss, m = self.ops.grpo_loss(
-                        logp, adv[rows].to(logp.device), mask,
-                        old_logp=None if old is None else old[rows][:, :width],
-                        ref_logp=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                        kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, loss_agg=cfg.loss_agg,
-                    )
-                    w = self._agg_weight(mask) / denom  # this micro-batch's share of the mini-batch loss
-                    (loss * w).backward()
-                    tok = float(mask.sum())
-                    weight_total += tok
-                    sums["loss"] += float(loss.detach()) * tok
-                    sums["entropy"] += masked_mean(ent.detach(), mask) * tok
-                    for k in ("kl", "ppo_kl", "clipfrac_high", "clipfrac_low"):
-                        sums[k] += float(torch.as_tensor(m[k]).detach()) * tok
-                params = [p for p in model.parameters() if p.requires_grad]
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if torch.isfinite(norm):
-                    self.opt.step()
-                    self.sched.step()
-                    norms.append(float(norm))
-                else:  # a non-finite gradient would poison AdamW's moments: skip this update, keep going
-                    skipped += 1
-                    self.log(f"step {self.step + 1}: gradient norm is {float(norm)}; update skipped")
-                self.opt.zero_grad(set_to_none=True)
-        out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
-        out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
-        out["skipped"] = skipped
-        out["updates"] = n_updates - skipped
+        totals: dict[str, float] = {}
+        norms, skipped = [], 0
+        for e, plan in enumerate(plans):
+            for j, mbs in enumerate(plan):
+                for mb in mbs:
+                    mb.compare_rollout = mb.compare_rollout and e == 0
+                out = self.minibatch_step(mbs, ro=ro, adv=adv, old=old, fallback=groups[:1] or [0])
+                skipped += int(out.pop("skipped"))
+                norm = out.pop("grad_norm")
+                if math.isfinite(norm):
+                    norms.append(norm)
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        g = dict(zip(sorted(totals), self.world.sum([totals[k] for k in sorted(totals)]).tolist()))
+        tok, ro_tok = max(g.get("tokens", 0.0), 1.0), max(g.get("rollout_tokens", 0.0), 1.0)
+        result = {"loss": g.get("loss", 0.0) / max(1, n_updates)}
+        for k in ("kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "entropy"):
+            result[k] = g.get(k, 0.0) / tok
+        result["rollout_logp_diff"] = g.get("rollout_logp_diff", 0.0) / ro_tok if g.get("rollout_tokens") else float("nan")
+        result["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+        result["skipped"] = skipped
+        result["updates"] = n_updates - skipped
+        return result
+
+    def forward_backward_step(self, mb: MicroBatch, *, ro: Rollouts, adv, old, fallback) -> dict:
+        """One micro-batch: reference and policy log-probs, grpo_loss, backward of its weighted share.
+
+        An empty micro-batch (a rank short of groups) runs a zero-weight pass over `fallback`, so
+        that FSDP's collectives line up across ranks."""
+        cfg, n = self.cfg, ro.group_size
+        groups, weight = (mb.groups, mb.weight) if mb.groups else (fallback, 0.0)
+        rows = [g * n + j for g in groups for j in range(n)]
+        mask = ro.response_mask[rows]
+        width = max(1, int(mask.sum(0).nonzero().max()) + 1) if mask.any() else 1
+        mask = mask[:, :width].to(self.device)
+        ref = None
+        if self.reference is not None and cfg.kl_coef > 0:
+            ref = self._logprobs("reference", ro, groups, width, grad=False, entropy=False)
+        logp, ent = self._logprobs("policy", ro, groups, width, grad=True, entropy=True)
+        loss_agg = "seq-mean-token-sum" if cfg.loss_agg == "seq-mean-token-sum-norm" else cfg.loss_agg
+        loss, m = self.ops.grpo_loss(
+            logp, adv[rows].to(logp.device), mask,
+            old_logp=None if old is None else old[rows][:, :width].to(logp.device),
+            ref_logp=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+            kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, loss_agg=loss_agg,
+        )
+        (loss * weight).backward()
+        if not mb.groups:
+            return {}
+        tok = float(mask.sum())
+        out = {"loss": float(loss.detach()) * mb.loss_weight, "tokens": tok,
+               "entropy": float((ent.detach() * mask).sum())}
+        for k in ("kl", "ppo_kl", "clipfrac_high", "clipfrac_low"):
+            out[k] = float(m[k]) * tok
+        if mb.compare_rollout and ro.logprobs is not None:
+            diff = (logp.detach() - ro.logprobs[rows][:, :width].to(logp.device)).abs()
+            out["rollout_logp_diff"] = float((diff * mask).sum())
+            out["rollout_tokens"] = tok
         return out
-
-    def _agg_weight(self, mask: torch.Tensor) -> float:
-        # token-mean: a micro-batch weighs by its tokens; the seq-mean variants by its sequences.
-        return float(mask.sum()) if self.cfg.loss_agg == "token-mean" else float(mask.shape[0])
-
-    def _agg_denominator(self, mask: torch.Tensor) -> float:
-        return max(self._agg_weight(mask), 1.0)
 
     @torch.no_grad()
     def _old_logprobs(self, ro: Rollouts) -> torch.Tensor:
-        """[P*n, R] log-probs under the policy before any update of this step."""
+        """[P*n, R] log-probs under the policy before any update of this step (the same number of
+        forwards on every rank)."""
         n, R = ro.group_size, ro.response_mask.shape[1]
         micro_groups = max(1, self.cfg.micro_batch // n)
+        chunks = [list(range(c0, min(len(ro.items), c0 + micro_groups))) for c0 in range(0, len(ro.items), micro_groups)]
         self.policy.model.eval()
-        parts = []
-        for c0 in range(0, len(ro.items), micro_groups):
-            groups = list(range(c0, min(len(ro.items), c0 + micro_groups)))
-            parts.append(self._micro_logprobs(self.policy, ro, groups, R, grad=False, entropy=False))
+        parts = [self._logprobs("policy", ro, c, R, grad=False, entropy=False) for c in chunks]
         self.policy.model.train()
-        return torch.cat(parts)
+        return torch.cat(parts).cpu()

@@ -4,9 +4,9 @@
     pixel_values, grid_thw = enc([img1, img2])      # [N, C*Tp*P*P] fp32, [B, 3] int64
     enc.num_tokens(grid_thw)                        # <|image_pad|> tokens per image, [B]
 
-One function, `_encode`, does the work: `engine.image.patchify_images` (Qwen's smart_resize, then
-`engine.ops.patchify`, equal to `Qwen2VLImageProcessorPil`'s output) when it is there, else that
-processor itself.
+The work is `engine.image.patchify_images`: Qwen's smart_resize, then `engine.ops.patchify`, equal
+to `Qwen2VLImageProcessorPil`'s output. There is no fallback to that processor: an error in the
+engine's path surfaces here instead of training silently on another one.
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import os
 
 import torch
 
-# Qwen2-VL's (CLIP's) normalization, the processor's defaults.
-_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_STD = (0.26862954, 0.26130258, 0.27577711)
+from engine.image import patchify_images
+from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +29,20 @@ class ImageEncoder:
     temporal_patch_size: int = 2  # an image is repeated this many frames
     min_pixels: int = 56 * 56  # smart_resize lower bound on H*W
     max_pixels: int = 28 * 28 * 1280  # smart_resize upper bound on H*W (Qwen's default)
-    image_mean: tuple = _MEAN
-    image_std: tuple = _STD
+    image_mean: tuple = OPENAI_CLIP_MEAN  # per channel, after rescaling
+    image_std: tuple = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255  # uint8 -> [0, 1]
+
+    def __post_init__(self):
+        self.geometry  # checks the patch settings now (ValueError naming the field), not at the first image
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        """The patch settings as `engine.ops.patchify` takes them."""
+        return PatchGeometry(
+            patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
+            mean=self.image_mean, std=self.image_std, rescale=self.rescale_factor,
+        )
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "ImageEncoder":
@@ -56,6 +67,8 @@ class ImageEncoder:
             kw["image_mean"] = tuple(cfg["image_mean"])
         if cfg.get("image_std"):
             kw["image_std"] = tuple(cfg["image_std"])
+        if cfg.get("rescale_factor") is not None:
+            kw["rescale_factor"] = float(cfg["rescale_factor"])
         return cls(**kw)
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -66,7 +79,7 @@ class ImageEncoder:
             "do_rescale": True,
             "do_normalize": True,
             "do_convert_rgb": True,
-            "rescale_factor": 1 / 255,
+            "rescale_factor": self.rescale_factor,
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "patch_size": self.patch_size,
@@ -91,27 +104,6 @@ class ImageEncoder:
 
 
 def _encode(enc: ImageEncoder, images) -> tuple[torch.Tensor, torch.Tensor]:
-    # Engine path: Qwen's smart_resize (PIL bicubic), then engine.ops.patchify on the uint8 pixels.
-    try:
-        from engine.image import patchify_images
-    except ImportError:
-        patchify_images = None
-    if patchify_images is not None:
-        pv, grid = patchify_images(
-            images, min_pixels=enc.min_pixels, max_pixels=enc.max_pixels, patch_size=enc.patch_size,
-            temporal_patch_size=enc.temporal_patch_size, merge_size=enc.merge_size, mean=enc.image_mean,
-            std=enc.image_std,
-        )
-        return pv.float(), grid.long()
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    proc = Qwen2VLImageProcessorPil(
-        patch_size=enc.patch_size,
-        merge_size=enc.merge_size,
-        temporal_patch_size=enc.temporal_patch_size,
-        size={"shortest_edge": enc.min_pixels, "longest_edge": enc.max_pixels},
-        image_mean=list(enc.image_mean),
-        image_std=list(enc.image_std),
-    )
-    out = proc(images=images, return_tensors="pt")
-    return out["pixel_values"].float(), out["image_grid_thw"].long()
+    # Qwen's smart_resize (PIL bicubic), then engine.ops.patchify on the uint8 pixels.
+    pv, grid = patchify_images(images, min_pixels=enc.min_pixels, max_pixels=enc.max_pixels, **enc.geometry.keywords())
+    return pv.float(), grid.long()

@@ -16,17 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _linear_token_logprobs():
-    # The fused op (engine/linear_token_logprobs.py); the reference has the same contract.
-    try:
-        import engine.ops
-
-        return engine.ops.linear_token_logprobs
-    except (ImportError, AttributeError):
-        from engine import reference
-
-        return reference.linear_token_logprobs
+import engine.ops
 
 
 def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -78,7 +68,7 @@ def response_logprobs(
         use_cache=False,
     )
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # the states that predict the response tokens
-    return _linear_token_logprobs()(
+    return engine.ops.linear_token_logprobs(
         hidden,
         head.weight,
         sequences[:, prompt_len:],

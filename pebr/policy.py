@@ -109,10 +109,11 @@ class Policy:
             image_grid_thw=grid,
         )
 
-    def save(self, folder: str | os.PathLike) -> None:
-        """save_pretrained of the model (safetensors), tokenizer and preprocessor into `folder`."""
+    def save(self, folder: str | os.PathLike, *, state_dict: dict | None = None) -> None:
+        """save_pretrained of the model (safetensors), tokenizer and preprocessor into `folder`.
+        state_dict: the full weights to write (gathered from FSDP shards); default the model's own."""
         os.makedirs(folder, exist_ok=True)
-        self.model.save_pretrained(folder, safe_serialization=True)
+        self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
         self.images.save(folder)
 

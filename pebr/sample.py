@@ -11,21 +11,20 @@ import sys
 
 import torch
 
+from pebr.cli import add_fields
+from pebr.config import SamplingConfig
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pebr.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="HF folder; default: the latest stage-0 checkpoint under runs/")
-    p.add_argument("--data", default=None, help="JSON/JSONL/parquet records; default: built-in procedural items")
-    p.add_argument("--num-items", type=int, default=128, help="procedural items (without --data)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the procedural items and of sampling")
-    p.add_argument("-k", "--k", type=int, default=8, help="rollouts per item")
-    p.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (the paper: 1.2)")
-    p.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling (the paper: 0.99)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens")
-    p.add_argument("--batch-prompts", type=int, default=16, help="prompts generated together")
-    p.add_argument("--output-dir", default="runs/sampling", help="where rollouts.jsonl and splits.json go")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(prog="python -m pebr.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF folder (default: the latest stage-0 checkpoint under runs/)")
+    p.add_argument("--data", default=None, help="JSON/JSONL/parquet records (default: built-in procedural items)")
+    add_fields(p, SamplingConfig, shown=SamplingConfig(num_items=128), aliases={"k": ["-k"]},
+               only=("num_items", "seed", "k", "temperature", "top_p", "batch_prompts"))
+    p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens (default: 96)")
+    p.add_argument("--output-dir", default="runs/sampling", help="where rollouts.jsonl and splits.json go (default: runs/sampling)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device, help=f"cpu or cuda (default: {device})")
     return p
 
 

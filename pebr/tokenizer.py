@@ -89,7 +89,7 @@ def build_tokenizer(*, corpus: Iterable[str] = (), vocab_size: int = 768, min_fr
     tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")]})
     tok.add_tokens([t for t in ("<|endoftext|>", "<|im_end|>")], special_tokens=True)
     tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"  # batched VLM generation and training need left padding (PITFALLS)
+    tok.padding_side = "left"  # batched VLM generation and training need left padding (docs/measured.md)
     return tok
 
 

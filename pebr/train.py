@@ -23,108 +23,81 @@ import time
 import torch
 
 from pebr import config as C
+from pebr.cli import add_fields, field_help, given
 
 SFT_SEED = 2  # procedural warm-up items: a pool of their own
-EVAL_SEED = 999  # held-out procedural items (pebr.eval)
 
 log = logging.getLogger("pebr")
 
 
-# ---- command line
+# ---- command line (flags generated from the config fields: pebr.cli)
+
+_RUN = ("model", "data", "output_dir", "max_steps", "resume", "seed", "device", "dtype", "save_every",
+        "keep_checkpoints", "progress")
+_SCALE_OUT = ("dist_backend", "cpu_offload", "gradient_checkpointing")
+_ALIASES = {"group_size": ["-n"]}
+_SFT_ALIASES = {"num_items": ["--sft-items"], "batch_size": ["--sft-batch"]}  # the flags' first names
+_SAMPLING_ALIASES = {"num_items": ["--sampling-items"]}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _auto_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser(preset: str = "tiny", stage: int = 1) -> argparse.ArgumentParser:
+    """The parser of `python -m pebr.train`; `--help` shows the defaults of `preset` at `stage`
+    (`main` reads both from the command line first)."""
+    cfg = dataclasses.replace(C.preset(preset, stage), device=_auto_device())
     p = argparse.ArgumentParser(
         prog="python -m pebr.train",
-        description=__doc__.split("\n\n")[0] + " Defaults come from --preset; every flag below overrides one field.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0] + f" Defaults come from --preset (shown: --preset {preset} "
+        f"--stage {stage}); every other flag overrides one field.",
     )
-    a = p.add_argument
-    a("--stage", type=int, choices=C.STAGES, required=True, help="0 warm-up SFT, 1 perception GRPO (easy split), 2 reasoning GRPO (medium split)")
-    a("--preset", choices=sorted(C.PRESETS), default="tiny", help="tiny: sized for a 2-core CPU; paper: DESIGN.md section 3 (Qwen2.5-VL-7B on GPUs)")
-    a("--model", default=None, help="HF folder (safetensors) to start from; default: the previous stage's output, or the built-in tiny policy for stage 0")
-    a("--data", default=None, help="JSON/JSONL/parquet records (images, problem, answer, key_words); default: built-in procedural tasks")
-    a("--output-dir", default="runs", help="stage k writes OUT/stage{k}; sampling is cached in OUT/sampling")
-    a("--max-steps", type=int, default=None, help="optimizer steps to run (default: the preset's)")
-    a("--resume", action="store_true", help="continue from OUT/stage{k}'s latest checkpoint (same data order and RNG)")
-    a("--seed", type=int, default=None, help="seed of model init, data order and sampling")
-    a("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="parameter dtype")
+    p.add_argument("--stage", type=int, choices=C.STAGES, required=True, help=field_help(C.TrainConfig, "stage"))
+    p.add_argument("--preset", choices=sorted(C.PRESETS), default="tiny",
+                   help=field_help(C.TrainConfig, "preset") + " (default: tiny)")
+    fields = {"": add_fields(p, C.TrainConfig, shown=cfg, only=_RUN, unset_default=True)}
+    g = p.add_argument_group("scale-out")
+    fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, only=_SCALE_OUT, unset_default=True)
     g = p.add_argument_group("GRPO (stages 1, 2)")
-    a = g.add_argument
-    a("--lr", type=float, default=None, help="learning rate (constant after warm-up)")
-    a("--warmup-steps", type=int, default=None, help="linear LR warm-up steps")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay")
-    a("--grad-clip", type=float, default=None, help="global gradient-norm clip")
-    a("-n", "--group-size", type=int, default=None, help="responses per prompt (a GRPO group)")
-    a("--rollout-batch", type=int, default=None, help="prompts per rollout (one training step)")
-    a("--mini-batch", type=int, default=None, help="prompts per optimizer update (divides --rollout-batch)")
-    a("--micro-batch", type=int, default=None, help="sequences per forward/backward (gradient accumulation)")
-    a("--ppo-epochs", type=int, default=None, help="passes over each rollout batch")
-    a("--epochs", type=int, default=None, help="passes over the stage's data when --max-steps is not set")
-    a("--temperature", type=float, default=None, help="rollout sampling temperature (0: greedy)")
-    a("--top-p", type=float, default=None, help="rollout nucleus sampling")
-    a("--max-new-tokens", type=int, default=None, help="response budget in tokens")
-    a("--kl-coef", type=float, default=None, help="weight of the KL-to-reference loss term (0: no reference model)")
-    a("--kl-type", choices=["low_var_kl", "kl", "abs", "mse"], default=None, help="KL estimator")
-    a("--clip-low", type=float, default=None, help="PPO clip below (1 - clip_low)")
-    a("--clip-high", type=float, default=None, help="PPO clip above (1 + clip_high)")
-    a("--dual-clip", type=float, default=None, help="dual-clip cap for negative advantages")
-    a("--loss-agg", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"], default=None, help="loss aggregation")
-    a("--adv-scale", choices=["group", "batch", "none"], default=None, help="advantage std normalization")
-    a("--freeze-vision", action=argparse.BooleanOptionalAction, default=None, help="freeze the vision tower")
-    a("--online-filter", action=argparse.BooleanOptionalAction, default=None, help="DAPO: drop groups whose rewards are all equal")
-    a("--split", choices=["easy", "medium", "hard", "all"], default=None, help="sampling split to train on (default: easy for stage 1, medium for stage 2)")
-    a("--min-split-items", type=int, default=None, help="top a small split up from the next one to this many items")
-    a("--clip-model", default=None, help="CLIP-family HF folder for the perception reward (default: the scene term on built-in items)")
-    a("--save-every", type=int, default=None, help="checkpoint every this many steps")
-    a("--keep-checkpoints", type=int, default=None, help="checkpoints kept on disk")
-    a("--no-progress", action="store_true", help="no progress bar")
+    fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, skip=("stage", "preset", *_RUN, *_SCALE_OUT),
+                             aliases=_ALIASES, unset_default=True)
     g = p.add_argument_group("warm-up SFT (stage 0)")
-    a = g.add_argument
-    a("--sft-items", type=int, default=None, help="procedural warm-up items")
-    a("--sft-epochs", type=int, default=None, help="warm-up epochs")
-    a("--sft-lr", type=float, default=None, help="warm-up learning rate")
-    a("--sft-batch", type=int, default=None, help="warm-up sequences per optimizer step")
+    fields["sft"] = add_fields(g, C.SFTConfig, shown=cfg.sft, prefix="sft-", aliases=_SFT_ALIASES, unset_default=True)
     g = p.add_argument_group("dataset-level sampling")
-    a = g.add_argument
-    a("--sampling-k", type=int, default=None, help="rollouts per item (k/k easy, 1..k-1 medium, 0 hard)")
-    a("--sampling-items", type=int, default=None, help="procedural items in the sampled pool")
-    a("--sampling-temperature", type=float, default=None, help="sampling temperature")
+    fields["sampling"] = add_fields(g, C.SamplingConfig, shown=cfg.sampling, prefix="sampling-",
+                                    aliases=_SAMPLING_ALIASES, unset_default=True)
+    p.set_defaults(_fields=fields)
     return p
 
 
-_FIELDS = {  # flag dest -> TrainConfig field
-    "model": "model", "data": "data", "output_dir": "output_dir", "max_steps": "max_steps", "seed": "seed",
-    "device": "device", "dtype": "dtype", "lr": "lr", "warmup_steps": "warmup_steps", "weight_decay": "weight_decay",
-    "grad_clip": "grad_clip", "group_size": "group_size", "rollout_batch": "rollout_batch", "mini_batch": "mini_batch",
-    "micro_batch": "micro_batch", "ppo_epochs": "ppo_epochs", "epochs": "epochs", "temperature": "temperature",
-    "top_p": "top_p", "max_new_tokens": "max_new_tokens", "kl_coef": "kl_coef", "kl_type": "kl_type",
-    "clip_low": "clip_low", "clip_high": "clip_high", "dual_clip": "dual_clip", "loss_agg": "loss_agg",
-    "adv_scale": "adv_scale", "freeze_vision": "freeze_vision", "online_filter": "online_filter", "split": "split",
-    "min_split_items": "min_split_items", "clip_model": "clip_model", "save_every": "save_every",
-    "keep_checkpoints": "keep_checkpoints",
-}
-_SFT_FIELDS = {"sft_items": "num_items", "sft_epochs": "epochs", "sft_lr": "lr", "sft_batch": "batch_size"}
-_SAMPLING_FIELDS = {"sampling_k": "k", "sampling_items": "num_items", "sampling_temperature": "temperature"}
+def _preset_and_stage(argv) -> tuple[str, int]:
+    """--preset and --stage read ahead of the full parse (tiny, 1 when absent or invalid)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny")
+    pre.add_argument("--stage", default="1")
+    known, _ = pre.parse_known_args(argv)
+    preset = known.preset if known.preset in C.PRESETS else "tiny"
+    stage = int(known.stage) if str(known.stage) in {str(s) for s in C.STAGES} else 1
+    return preset, stage
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser(*_preset_and_stage(sys.argv[1:] if argv is None else argv)).parse_args(argv)
 
 
 def config_from_args(args) -> C.TrainConfig:
+    """The preset's config with each given flag's field replaced."""
     cfg = C.preset(args.preset, args.stage)
-    over = {f: getattr(args, d) for d, f in _FIELDS.items() if getattr(args, d) is not None}
-    sft = {f: getattr(args, d) for d, f in _SFT_FIELDS.items() if getattr(args, d) is not None}
-    samp = {f: getattr(args, d) for d, f in _SAMPLING_FIELDS.items() if getattr(args, d) is not None}
-    if sft.get("batch_size"):
+    over, sft, samp = (given(args, args._fields[k]) for k in ("", "sft", "sampling"))
+    if "batch_size" in sft and "micro_batch" not in sft:
         sft["micro_batch"] = min(cfg.sft.micro_batch, sft["batch_size"])
     rb = over.get("rollout_batch")
     if rb and "mini_batch" not in over and (rb % cfg.mini_batch or cfg.mini_batch > rb):
         over["mini_batch"] = rb  # the preset's mini-batch does not fit: one update per rollout
-    if "device" not in over:
-        over["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    over.setdefault("device", _auto_device())
     return dataclasses.replace(
         cfg,
-        resume=args.resume,
-        progress=not args.no_progress,
         sft=dataclasses.replace(cfg.sft, **sft),
         sampling=dataclasses.replace(cfg.sampling, **samp),
         **over,
@@ -391,7 +364,7 @@ def run(cfg) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

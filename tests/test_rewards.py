@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pebr import rewards as R
+from pebr.rewards import answer as A
 from pebr.prompts import ANSWER_HEADER, format_response
 from pebr.scenes import COLOURS, SHAPES, Scene
 from pebr.tasks import generate_items
@@ -57,11 +58,11 @@ JUNK = [
 @pytest.fixture(params=["mathruler", "builtin"])
 def grader(request, monkeypatch):
     """Run accuracy tests with the paper's grader (if importable here) and the built-in one."""
-    if request.param == "mathruler" and R._mathruler_grade is None:
+    if request.param == "mathruler" and A._mathruler_grade is None:
         pytest.skip("mathruler.grader does not import here (needs pylatexenc)")
     if request.param == "builtin":
-        monkeypatch.setattr(R, "_mathruler_grade", None)
-        monkeypatch.setattr(R, "_warned_builtin", True)
+        monkeypatch.setattr(A, "_mathruler_grade", None)
+        monkeypatch.setattr(A, "_warned_builtin", True)
     return request.param
 
 
@@ -145,11 +146,25 @@ def test_accuracy_reads_only_the_answer_line(grader):
     assert R.extract_answer(PAPER_RESPONSE) == "3"
 
 
-def test_accuracy_missing_header_is_zero_and_counted(grader):
+def test_accuracy_without_header_grades_the_whole_response(grader):
+    # The paper: no `### The final answer is:` line -> the whole stripped response is graded.
     f = R.RewardFailures()
-    assert R.accuracy_reward("3", "3", failures=f) == 0.0
+    assert R.accuracy_reward("7", "7", failures=f) == 1.0
+    assert R.accuracy_reward("  \\boxed{7}\n", "7", failures=f) == 1.0
+    assert R.accuracy_reward("8", "7", failures=f) == 0.0
+    assert R.accuracy_reward("the answer is 7", "7", failures=f) == 0.0  # the whole text, not a search
     assert R.accuracy_reward(None, "3", failures=f) == 0.0
-    assert f.no_answer == 1 and f.not_text == 1 and f.total() == 2
+    assert f.no_answer == 4 and f.not_text == 1 and f.total() == 5
+    assert R.reasoning_reward("7", "7") == {"accuracy": 1.0, "format": 0.0, "overall": pytest.approx(0.9)}
+
+
+def test_accuracy_without_header_long_text_is_not_graded(monkeypatch):
+    calls = []
+    monkeypatch.setattr(A, "_grade", lambda given, truth: calls.append(given) or True)
+    assert R.accuracy_reward("7 " * 300, "7") == 0.0  # > 512 characters: wrong without grading
+    assert R.accuracy_reward("2**1000", "7") == 0.0  # a huge-number operator the truth lacks
+    assert calls == []
+    assert R.accuracy_reward("7", "7") == 1.0 and calls == ["7"]
 
 
 def test_accuracy_huge_number_answer_is_not_evaluated(grader):
@@ -165,7 +180,7 @@ def _slow_grade(given, truth):
 
 
 def test_grader_timeout_main_thread(monkeypatch):
-    monkeypatch.setattr(R, "_grade", _slow_grade)
+    monkeypatch.setattr(A, "_grade", _slow_grade)
     f = R.RewardFailures()
     t = time.perf_counter()
     assert R.accuracy_reward(_answer("3"), "3", timeout_s=0.2, failures=f) == 0.0
@@ -183,7 +198,7 @@ def test_grader_timeout_swallowed_by_bare_except(monkeypatch):
                 pass
         return True
 
-    monkeypatch.setattr(R, "_grade", swallowing)
+    monkeypatch.setattr(A, "_grade", swallowing)
     f = R.RewardFailures()
     t = time.perf_counter()
     assert R.accuracy_reward(_answer("3"), "3", timeout_s=0.2, failures=f) == 0.0
@@ -191,7 +206,7 @@ def test_grader_timeout_swallowed_by_bare_except(monkeypatch):
 
 
 def test_grader_timeout_worker_thread(monkeypatch):
-    monkeypatch.setattr(R, "_grade", _slow_grade)
+    monkeypatch.setattr(A, "_grade", _slow_grade)
     f = R.RewardFailures()
     out = []
     worker = threading.Thread(target=lambda: out.append(R.accuracy_reward(_answer("3"), "3", timeout_s=0.2, failures=f)))
@@ -382,16 +397,17 @@ def test_clip_reward_matches_direct_computation(tmp_path, family):
     assert R.clip_reward(resp, image, scorer) == pytest.approx(min(1, max(0, cos / 0.4)), abs=1e-4)
 
 
-def test_clip_group_and_failures(clip_folder):
+def test_clip_reward_and_failures(clip_folder):
     item = generate_items(1, seed=4, kind="perception")[0]
     scorer = R.ClipScorer.from_pretrained(clip_folder)
     responses = [item.reference_response, "no description", None, _with_description("a purple square")]
     f = R.RewardFailures()
-    group = R.clip_rewards(responses, item.image, scorer, failures=f)
-    single = [R.clip_reward(r, item.image, scorer) for r in responses]
-    assert np.allclose(group, single, atol=1e-5)
-    assert group[1] == 0.0 and group[2] == 0.0 and all(0.0 <= g <= 1.0 for g in group)
-    assert f.no_description == 1 and f.not_text == 1
+    scores = [R.clip_reward(r, item.image, scorer, failures=f) for r in responses]
+    for r, s in zip(responses[::3], scores[::3]):  # the described ones: min(1, cos/0.4) of the description
+        cos = scorer.similarity([R.extract_description(r)], [item.image])[0]
+        assert s == pytest.approx(R.clip_score_to_reward(cos), abs=1e-6)
+    assert scores[1] == 0.0 and scores[2] == 0.0 and all(0.0 <= s <= 1.0 for s in scores)
+    assert f.no_description == 1 and f.not_text == 1 and f.total() == 2
     out = R.perception_reward(item.reference_response, item, num_tokens=10, scorer=scorer)
     assert set(out) == {"clip", "keyword", "format", "length", "overall"}
     assert out["overall"] == pytest.approx(0.4 * out["clip"] + 0.4 + 0.1 + 0.1)
@@ -431,13 +447,15 @@ def test_image_encoded_once_per_group(clip_folder):
     assert len(calls) == 2
 
 
-def test_process_wide_failure_tally():
-    R.reset_failures()
-    R.reasoning_reward("no header", "3")
-    R.perception_reward(None, generate_items(1, seed=0)[0], num_tokens=3)
-    assert R.reset_failures() == {"not_text": 1, "no_description": 0, "no_answer": 1, "grader_timeout": 0,
-                                  "scorer_error": 0}
-    assert R.FAILURES.total() == 0
+def test_stage_rewards_count_failures_once_per_response():
+    f = R.RewardFailures()
+    R.reasoning_reward("no header", "3", failures=f)
+    R.perception_reward(None, generate_items(1, seed=0)[0], num_tokens=3, failures=f)
+    R.perception_reward("no sections", generate_items(1, seed=0)[0], num_tokens=3, failures=f)
+    assert f.as_dict() == {"not_text": 1, "no_description": 1, "no_answer": 1, "grader_timeout": 0, "scorer_error": 0}
+    g = R.RewardFailures(grader_timeout=2)
+    g.add(f)
+    assert g.total() == 5
 
 
 def test_keyword_ignores_headers_and_needs_whole_numbers():

@@ -4,14 +4,16 @@
 tile and reduces along the group (a fixed-order tree: deterministic). scale="batch" first runs
 `_batch_std_kernel`, one program looping over the batch in a fixed order. Values are shifted by the
 group's (batch's) first reward, so a group of equal rewards gives exactly 0.
-Semantics: `engine.reference.group_advantages`.
+Semantics: docs/ops.md#group_advantages (readable version: `engine.reference.group_advantages`).
 """
 import torch
 import triton
 import triton.language as tl
 
-
-SCALES = {"group": 0, "batch": 1, "none": 2}
+# option name -> the code the kernel branches on. A copy (triton_kernels must not import engine) of
+# engine/grpo_options.py's ADVANTAGE_SCALES, whose order is the code; tests/test_grpo_options.py
+# keeps them equal.
+ADVANTAGE_SCALES = {"group": 0, "batch": 1, "none": 2}
 
 
 @triton.jit
@@ -71,6 +73,7 @@ def group_advantages_fwd(*, rewards: torch.Tensor, group_size: int, scale: str =
     groups = max(1, min(64, 4096 // block_g))
     num_groups = B // group_size
     _group_advantages_fwd_kernel[(triton.cdiv(num_groups, groups),)](
-        rewards, out, std, num_groups, group_size, 1.0 / max(group_size - 1, 1), eps, SCALE=SCALES[scale], BLOCK_G=block_g, GROUPS=groups
+        rewards, out, std, num_groups, group_size, 1.0 / max(group_size - 1, 1), eps, SCALE=ADVANTAGE_SCALES[scale],
+        BLOCK_G=block_g, GROUPS=groups,
     )
     return out

@@ -7,8 +7,9 @@ Forward, two stages, no atomics, so results are bitwise reproducible:
      aggregation (`loss_agg`) and writes loss, metrics and each row's gradient weight.
 Backward: `_grpo_loss_bwd_kernel`, elementwise over (row, block of tokens):
   dlogp = grad_loss * row_weight[b] * mask * d(pg + kl_coef * kl)/dlogp, recomputed from the inputs.
-Semantics: `engine.reference.grpo_loss`; autograd conventions (clamp passes the gradient at its
-bounds, max/min split it on ties) as in `csrc/cpu/grpo.cpp`.
+Semantics: docs/ops.md#grpo_loss (readable version: `engine.reference.grpo_loss`); the per-token
+math and its autograd conventions (clamp passes the gradient at its bounds, max/min split it on
+ties) as in `csrc/grpo_math.h`.
 """
 import torch
 import triton
@@ -20,6 +21,8 @@ from triton_kernels import _runtime as _triton
 # the interpreter (Triton 3.6 with numpy >= 2.4) cannot use a runtime scalar as a `range` bound,
 # and on a GPU the count takes few values (T <= 2048 gives 1 or 2), so few compiles.
 
+# option name -> the code the kernels branch on. A copy (triton_kernels must not import engine) of
+# engine/grpo_options.py, whose order is the code; tests/test_grpo_options.py keeps them equal.
 KL_TYPES = {"low_var_kl": 0, "kl": 1, "abs": 2, "mse": 3}
 LOSS_AGGS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
 

@@ -1,12 +1,13 @@
-"""Triton kernels of `engine.ops.patchify` and `engine.ops.patchify_embed`: raw pixels in.
+"""Triton kernels of `engine.ops.patchify_embed`: raw pixels -> patch embeddings, pixel_values never written.
 
-Patch row n of an image [B, C, H, W] (grid gh x gw, merge size M, Wb = gw / M) is, in the image
-processor's order: b = n // (gh gw), then block (bh, bw) = divmod(r // M^2, Wb), then (mh, mw) =
-divmod(r % M^2, M); its top-left pixel is row (bh M + mh) P, column (bw M + mw) P.
+Each program gathers its [BLOCK_M, BLOCK_K] tile of raw pixels straight from the image (patch rows
+in the processor's order: `triton_kernels.patchify.patch_offsets`) and feeds tl.dot. The
+normalization and the Tp repeat are folded into the weight, so K = C*P*P, half the Conv3d's:
 
-patchify_embed never writes pixel_values: each program gathers its [BLOCK_M, BLOCK_K] tile of raw
-pixels straight from the image and feeds tl.dot. The normalization and the Tp repeat are folded
-into the weight (csrc/cpu/vision_common.h explains the algebra): K = C*P*P, half the Conv3d's.
+    x_norm[c] = a[c] (x[c] - z[c]) + k[c],  a = rescale / std,  z = round(mean / rescale),  k = a z - mean / std
+    Weff[d, c, p] = a[c] sum_t W[d, c, t, p],  bias_eff[d] = bias[d] + sum_c k[c] sum_{t,p} W[d, c, t, p]
+
+(z is an integer, so uint8 pixels minus z stay exact in bf16; docs/ops.md#patchify_embed.)
 """
 from __future__ import annotations
 
@@ -15,20 +16,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _runtime as _triton
-
-
-@triton.jit
-def _patch_offsets(rm, H, W, gh, gw, C: tl.constexpr, P: tl.constexpr, M: tl.constexpr):
-    """Pixel offset of the top-left corner of each patch row rm of a [B, C, H, W] image tensor."""
-    per_image = gh * gw
-    b = rm // per_image
-    r = rm % per_image
-    blk = r // (M * M)
-    within = r % (M * M)
-    Wb = gw // M
-    y = ((blk // Wb) * M + within // M) * P
-    x = ((blk % Wb) * M + within % M) * P
-    return b.to(tl.int64) * C * H * W + y.to(tl.int64) * W + x
+from triton_kernels.patchify import image_dims, patch_offsets
 
 
 @triton.jit
@@ -45,7 +33,7 @@ def _patchify_embed_fwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = rm < n_rows, rn < D
-    row_off = _patch_offsets(rm, H, W, gh, gw, C, P, M)
+    row_off = patch_offsets(rm, H, W, gh, gw, C, P, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -92,7 +80,7 @@ def _patchify_embed_bwd_kernel(
     for i in range(SPLIT):
         rm = (pid_s * SPLIT + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rm < n_rows
-        row_off = _patch_offsets(rm, H, W, gh, gw, C, P, M)
+        row_off = patch_offsets(rm, H, W, gh, gw, C, P, M)
         x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         a = tl.where(mask_m[:, None] & mask_k[None, :], x.to(tl.float32) - z[None, :], 0.0).to(g_ptr.dtype.element_ty)
         gt = tl.load(g_ptr + rd[:, None] + rm[None, :].to(tl.int64) * D, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
@@ -103,40 +91,7 @@ def _patchify_embed_bwd_kernel(
     tl.atomic_add(gw_ptr + rd[:, None].to(tl.int64) * K + rk[None, :], acc, mask=mask_d[:, None] & mask_k[None, :])
 
 
-@triton.jit
-def _patchify_fwd_kernel(
-    img_ptr, mean_ptr, std_ptr, out_ptr,
-    n_rows, H, W, gh, gw, rescale,
-    C: tl.constexpr, T: tl.constexpr, P: tl.constexpr, M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
-):
-    """pixel_values [n_rows, C*T*P*P] fp32: features (c, t, ph, pw), the frame repeated T times."""
-    F: tl.constexpr = C * T * P * P
-    pid_m = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rf = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask_m, mask_f = rm < n_rows, rf < F
-    row_off = _patch_offsets(rm, H, W, gh, gw, C, P, M)
-    c = rf // (T * P * P)
-    pq = rf % (P * P)
-    col_off = c.to(tl.int64) * H * W + (pq // P) * W + pq % P
-    mask = mask_m[:, None] & mask_f[None, :]
-    x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0)
-    m = tl.load(mean_ptr + c, mask=mask_f, other=0.0)
-    s = tl.load(std_ptr + c, mask=mask_f, other=1.0)
-    # the image processor rescales in float64 and rounds once to float32, then normalizes in float32
-    v = (x.to(tl.float64) * rescale).to(tl.float32)
-    v = (v - m[None, :]) / s[None, :]
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * F + rf[None, :], v, mask=mask)
-
-
 # ---- launchers ----
-
-
-def _dims(img: torch.Tensor, P: int):
-    B, C, H, W = img.shape
-    return B * (H // P) * (W // P), H, W, H // P, W // P
 
 
 def fold(weight: torch.Tensor, bias: torch.Tensor | None, mean, std, rescale: float):
@@ -180,13 +135,13 @@ def patchify_embed_fwd(*, images: list[torch.Tensor], weight: torch.Tensor, bias
     D, C, Tp, P, _ = weight.shape
     weff, bias_eff, z = fold(weight, bias, mean, std, rescale)
     weff = weff.to(weight.dtype).contiguous()
-    rows = [_dims(img, P)[0] for img in images]
+    rows = [image_dims(img, P)[0] for img in images]
     out = torch.empty((sum(rows), D), dtype=weight.dtype, device=weight.device)
     cfg = _mm_blocks()
     row0 = 0
     for img, n in zip(images, rows):
         img = img.contiguous()
-        n_rows, H, W, gh, gw = _dims(img, P)
+        n_rows, H, W, gh, gw = image_dims(img, P)
         if n_rows and D:
             grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_N"]))
             _patchify_embed_fwd_kernel[grid](
@@ -211,7 +166,7 @@ def patchify_embed_bwd(*, grad: torch.Tensor, images: list[torch.Tensor], weight
     row0 = 0
     for img in images:
         img = img.contiguous()
-        n_rows, H, W, gh, gw = _dims(img, P)
+        n_rows, H, W, gh, gw = image_dims(img, P)
         if n_rows and D:
             grid = (triton.cdiv(D, cfg["BLOCK_D"]), triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(n_rows, cfg["BLOCK_M"] * cfg["SPLIT"]))
             _patchify_embed_bwd_kernel[grid](
@@ -221,27 +176,3 @@ def patchify_embed_bwd(*, grad: torch.Tensor, images: list[torch.Tensor], weight
         row0 += n_rows
     gsum = grad.float().sum(0)
     return unfold_grad(gweff, gsum, weight, mean, std, rescale), gsum.to(weight.dtype)
-
-
-def patchify_fwd(*, images: list[torch.Tensor], patch_size: int, temporal_patch_size: int, merge_size: int, mean, std,
-                 rescale: float) -> torch.Tensor:
-    """images: each [B_i, C, H_i, W_i] -> pixel_values [N, C*Tp*P*P] fp32."""
-    P, T = patch_size, temporal_patch_size
-    C = images[0].shape[1]
-    dev = images[0].device
-    rows = [_dims(img, P)[0] for img in images]
-    F = C * T * P * P
-    out = torch.empty((sum(rows), F), dtype=torch.float32, device=dev)
-    m = torch.tensor(mean, dtype=torch.float32, device=dev)
-    s = torch.tensor(std, dtype=torch.float32, device=dev)
-    BLOCK_M, BLOCK_F = (64, 1024) if _triton.interpreting() else (16, 256)
-    row0 = 0
-    for img, n in zip(images, rows):
-        img = img.contiguous()
-        n_rows, H, W, gh, gw = _dims(img, P)
-        if n_rows:
-            grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(F, BLOCK_F))
-            _patchify_fwd_kernel[grid](img, m, s, out[row0:], n_rows, H, W, gh, gw, float(rescale),
-                                       C=C, T=T, P=P, M=merge_size, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)
-        row0 += n
-    return out

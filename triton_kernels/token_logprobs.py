@@ -13,7 +13,7 @@ import triton.language as tl
 
 from triton_kernels import _runtime as _triton
 
-__all__ = ["token_logprobs_fwd", "token_logprobs_bwd"]
+__all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace"]
 
 # The vocabulary size bounds each row's loop. On a GPU it is a runtime argument (one compile for
 # every V). The interpreter (Triton 3.6 with numpy >= 2.4) cannot turn a runtime scalar into a
@@ -146,15 +146,33 @@ def token_logprobs_bwd(
     grad_logp: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,
     temperature: float = 1.0,
-    out: torch.Tensor | None = None,
     block: int | None = None,
 ) -> torch.Tensor:
-    """grad_logits [N, V] in the logits dtype. `out` may be `logits` itself (in place)."""
-    if out is not None and out.stride(-1) != 1:
-        raise ValueError("out must have a contiguous last dim")
-    logits = logits if out is logits else _rows(logits)
+    """grad_logits [N, V] in the logits dtype (a new tensor)."""
+    logits = _rows(logits)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _launch_bwd(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature, block)
+
+
+def token_logprobs_bwd_inplace(
+    *,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    stats: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    block: int | None = None,
+) -> None:
+    """The same, overwriting `logits` [N, V] with grad_logits (each block is read before it is written)."""
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError(f"logits must be [N, V] with a contiguous last dim to be overwritten, got strides {logits.stride()}")
+    _launch_bwd(logits, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature, block)
+
+
+def _launch_bwd(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature, block) -> torch.Tensor:
     N, V = logits.shape
-    grad = out if out is not None else torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N == 0:
         return grad
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731

@@ -1,4 +1,5 @@
-// GRPO on CUDA: group_advantages_fwd, grpo_loss_fwd, grpo_loss_bwd (schemas in csrc/ops.cpp).
+// grpo_loss on CUDA: grpo_loss_fwd, grpo_loss_bwd (schemas in csrc/ops.cpp; contract:
+// docs/ops.md#grpo_loss).
 //
 // Deterministic, no float atomics:
 //   grpo_loss_fwd: kernel 1, one block per row; thread i takes tokens i, i + blockDim, ... and the
@@ -6,11 +7,8 @@
 //   fixed shared-memory tree into partials[6][B]. Kernel 2, one block: the same fixed pattern over
 //   rows (in double), then the aggregation (loss_agg), the metrics and each row's gradient weight.
 //   grpo_loss_bwd: elementwise, grid-stride, dlogp = g * row_weight[b] * mask * d(pg + c kl)/dlogp.
-//   group_advantages_fwd: one thread per group, its members in order; scale="batch" first runs a
-//   one-block fixed-tree reduction for the batch std.
-// Formulas and autograd conventions (clamp passes the gradient at its bounds, max/min split it on
-// ties): csrc/cpu/grpo.cpp and engine/reference.py.
-#include <ATen/Dispatch.h>
+// Per-token math (and the autograd conventions at clamp bounds and ties): csrc/grpo_math.h, the
+// same functions the C++ kernel's scalar path calls.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -18,66 +16,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "grpo_common.h"
+#include "grpo_math.h"
 
 #include <cmath>
-
-#define GRPO_DISPATCH_FLOAT(TYPE, NAME, ...)                                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace {
 
 constexpr int kThreads = 256;
-using namespace engine_grpo;  // kNumSums, KlType, LossAgg, Params, check_inputs, ... (csrc/grpo_common.h)
-
-__device__ __forceinline__ float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
-
-// One token: pg (after the dual clip), clip hits, kl; and d(pg + kl_coef kl)/dlogp when grad != nullptr.
-__device__ __forceinline__ void token(float lp, float old, float ref, float a, const Params& p, float* pg_out,
-                                      float* kl_out, float* high, float* low, float* grad) {
-  const float lr = lp - old;
-  const float ratio = expf(clampf(lr, -20.f, 20.f));
-  const float pg1 = -a * ratio;
-  const float pg2 = -a * clampf(ratio, p.lo, p.hi);
-  float pg = fmaxf(pg1, pg2);
-  const float g1 = (lr >= -20.f && lr <= 20.f) ? -a * ratio : 0.f;
-  const float g2 = (ratio >= p.lo && ratio <= p.hi) ? g1 : 0.f;
-  float g = pg1 > pg2 ? g1 : (pg1 < pg2 ? g2 : 0.5f * (g1 + g2));
-  *high = pg1 < pg2 ? 1.f : 0.f;
-  *low = 0.f;
-  if (p.has_dual && a < 0.f) {
-    const float pg3 = -a * p.dual;
-    *low = pg > pg3 ? 1.f : 0.f;
-    g = pg > pg3 ? 0.f : (pg < pg3 ? g : 0.5f * g);
-    pg = fminf(pg, pg3);
-  }
-  float kl = 0.f, dkl = 0.f;
-  if (p.has_ref) {
-    if (p.kl_type == kLowVarKl) {
-      const float draw = ref - lp;
-      const float d = clampf(draw, -20.f, 20.f);
-      const float e = expf(d);
-      const float k = e - d - 1.f;
-      kl = clampf(k, -10.f, 10.f);
-      dkl = (draw >= -20.f && draw <= 20.f && k >= -10.f && k <= 10.f) ? 1.f - e : 0.f;
-    } else if (p.kl_type == kK1) {
-      kl = lp - ref;
-      dkl = 1.f;
-    } else if (p.kl_type == kAbs) {
-      const float diff = lp - ref;
-      kl = fabsf(diff);
-      dkl = diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f);
-    } else {
-      const float diff = lp - ref;
-      kl = 0.5f * (diff * diff);
-      dkl = diff;
-    }
-  }
-  *pg_out = pg;
-  *kl_out = kl;
-  if (grad != nullptr) *grad = p.has_ref ? g + p.kl_coef * dkl : g;
-}
+using namespace engine_grpo;  // kNumSums, Params, check_inputs, token_terms, token_grad (csrc/grpo_math.h)
 
 template <typename T>
 __device__ __forceinline__ void block_sum(T (&v)[kNumSums], T (*sh)[kThreads]) {
@@ -108,14 +54,13 @@ __global__ void grpo_loss_fwd_rows_kernel(const scalar_t* __restrict__ logp, con
     const float r = p.has_ref ? static_cast<float>(ref[row + t]) : l;
     const float a = adv_per_token ? adv[row + t] : adv[b];
     const float m = static_cast<float>(mask[row + t]);
-    float pg, kl, hi, lo;
-    token(l, o, r, a, p, &pg, &kl, &hi, &lo, nullptr);
-    s[0] += pg * m;
-    s[1] += kl * m;
+    const TokenTerms tt = token_terms(l, o, r, a, p);
+    s[0] += tt.pg * m;
+    s[1] += tt.kl * m;
     s[2] += m;
-    s[3] += hi * m;
-    s[4] += lo * m;
-    s[5] += p.has_old ? (o - l) * m : 0.f;
+    s[3] += tt.high * m;
+    s[4] += tt.low * m;
+    s[5] += tt.ppo * m;  // 0 without old_logp (old = logp)
   }
   block_sum<float>(s, sh);
   if (threadIdx.x == 0)
@@ -180,9 +125,7 @@ __global__ void grpo_loss_bwd_kernel(const float* __restrict__ grad_loss, const 
     const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
     const float a = adv_per_token ? adv[i] : adv[b];
     const float m = static_cast<float>(mask[i]);
-    float pg, kl, hi, lo, g;
-    token(l, o, r, a, p, &pg, &kl, &hi, &lo, &g);
-    dlogp[i] = static_cast<scalar_t>((g_up * row_w[b]) * m * g);
+    dlogp[i] = static_cast<scalar_t>((g_up * row_w[b]) * m * token_grad(l, o, r, a, p));
   }
 }
 
@@ -263,74 +206,9 @@ at::Tensor grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& log
   return dlogp;
 }
 
-// ---------------------------------------------------------------- group_advantages
-
-__global__ void batch_std_kernel(const float* __restrict__ r, int64_t B, float* __restrict__ std_out) {
-  __shared__ double sh[kNumSums][kThreads];
-  double s[kNumSums] = {0, 0, 0, 0, 0, 0};
-  for (int64_t i = threadIdx.x; i < B; i += kThreads) s[0] += double(r[i]) - double(r[0]);
-  block_sum<double>(s, sh);
-  const double mean = sh[0][0] / double(B);
-  __syncthreads();
-  double q[kNumSums] = {0, 0, 0, 0, 0, 0};
-  for (int64_t i = threadIdx.x; i < B; i += kThreads) {
-    const double c = double(r[i]) - double(r[0]) - mean;
-    q[0] += c * c;
-  }
-  block_sum<double>(q, sh);
-  if (threadIdx.x == 0) std_out[0] = static_cast<float>(sqrt(sh[0][0] / double(B > 1 ? B - 1 : 1)));
-}
-
-__global__ void group_advantages_kernel(const float* __restrict__ r, int64_t num_groups, int64_t G, int scale, double eps,
-                                        const float* __restrict__ batch_std, float* __restrict__ out) {
-  const int64_t grp = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (grp >= num_groups) return;
-  const float* x = r + grp * G;
-  // shift by the group's first reward: a group of equal rewards gives exactly 0
-  double s = 0.0;
-  for (int64_t i = 0; i < G; ++i) s += double(x[i]) - double(x[0]);
-  const double mean = s / double(G);
-  double ss = 0.0;
-  for (int64_t i = 0; i < G; ++i) {
-    const double c = double(x[i]) - double(x[0]) - mean;
-    ss += c * c;
-  }
-  const double std_g = sqrt(ss / double(G > 1 ? G - 1 : 1));
-  const double den = scale == 2 ? 1.0 : (scale == 0 ? std_g : double(batch_std[0])) + eps;
-  for (int64_t i = 0; i < G; ++i) {
-    const double c = double(x[i]) - double(x[0]) - mean;
-    out[grp * G + i] = static_cast<float>(den > 0 ? c / den : 0.0);
-  }
-}
-
-at::Tensor group_advantages_fwd_cuda(const at::Tensor& rewards, int64_t group_size, c10::string_view scale, double eps) {
-  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be [B], got ", rewards.sizes());
-  TORCH_CHECK_VALUE(is_float_dtype(rewards.scalar_type()), "rewards must be float32/bfloat16/float16");
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", group_size);
-  const int64_t B = rewards.size(0);
-  TORCH_CHECK_VALUE(B % group_size == 0, "group_size ", group_size, " does not divide the batch of ", B, " rewards");
-  const int sc = scale == "group" ? 0 : scale == "batch" ? 1 : scale == "none" ? 2 : -1;
-  TORCH_CHECK_VALUE(sc >= 0, "scale must be group, batch or none, got '", std::string(scale), "'");
-  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  const at::Tensor r = rewards.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({B}, r.options());
-  if (B == 0) return out;
-  at::Tensor batch_std = at::empty({1}, r.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (sc == 1) batch_std_kernel<<<1, kThreads, 0, stream>>>(r.const_data_ptr<float>(), B, batch_std.data_ptr<float>());
-  const int64_t groups = B / group_size;
-  group_advantages_kernel<<<(groups + 127) / 128, 128, 0, stream>>>(r.const_data_ptr<float>(), groups, group_size, sc, eps,
-                                                                     batch_std.const_data_ptr<float>(),
-                                                                     out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engine, CUDA, m) {
-  m.impl("group_advantages_fwd", &group_advantages_fwd_cuda);
   m.impl("grpo_loss_fwd", &grpo_loss_fwd_cuda);
   m.impl("grpo_loss_bwd", &grpo_loss_bwd_cuda);
 }

@@ -1,14 +1,15 @@
-"""GRPO: group-normalized advantages and EasyR1's clipped policy loss with a KL term.
+"""`grpo_loss`: EasyR1's clipped policy loss with a KL term, fused into one forward and one backward.
 
-    adv = engine.ops.group_advantages(rewards, group_size=8)                 # rewards: [B]
     loss, metrics = engine.ops.grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, kl_coef=1e-2)
 
-Contracts: DESIGN.md section 1; the readable version is `engine.reference.grpo_loss`. The kernels
-(cpp / cuda / triton) do one fused forward (per-token terms and every masked sum in one pass over
-the tokens; per-row partial sums, then a fixed-order sum over rows, so results are bitwise
-reproducible whatever the thread count) and one fused backward that recomputes the per-token
-derivative and writes dlogp in logp's dtype. The forward saves one per-row weight (the aggregation's
-d loss / d row sum), so the backward needs no knowledge of `loss_agg`.
+Contract: docs/ops.md#grpo_loss; the readable version is `engine.reference.grpo_loss` (the `torch`
+backend). The other backends run the kernels `grpo_loss_fwd` / `grpo_loss_bwd` through
+`engine.kernels` (csrc/cpu/grpo_loss.cpp, csrc/cuda/grpo_loss.cu, triton_kernels/grpo_loss.py): one
+fused forward (per-token terms and every masked sum in one pass over the tokens; per-row partial
+sums, then a fixed-order sum over rows, so results are bitwise reproducible whatever the thread
+count) and one fused backward that recomputes the per-token derivative and writes dlogp in logp's
+dtype. The forward saves one per-row weight (the aggregation's d loss / d row sum), so the backward
+needs no knowledge of `loss_agg`.
 
 Gradient flows into `logp` only: `old_logp`, `ref_logp`, `advantages` and `mask` are constants
 (detached), as in EasyR1, where they come from no-grad rollouts.
@@ -16,72 +17,19 @@ Gradient flows into `logp` only: `old_logp`, `ref_logp`, `advantages` and `mask`
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 
-from engine import dispatch, reference
+from engine import dispatch, kernels, reference
 from engine._validate import FLOAT_DTYPES, check_float, check_same_device, check_shape, check_tensor
+from engine.grpo_options import KL_TYPES, LOSS_AGGS
 
-KL_TYPES = reference.GRPO_KL_TYPES
-LOSS_AGGS = reference.GRPO_LOSS_AGGS
-SCALES = reference.ADVANTAGE_SCALES
-METRIC_NAMES = ("clipfrac_high", "clipfrac_low", "ppo_kl", "kl")
+__all__ = ["grpo_loss"]
+
+METRIC_NAMES = ("clipfrac_high", "clipfrac_low", "ppo_kl", "kl")  # the order of the kernels' metrics [4]
 _ADV_DTYPES = FLOAT_DTYPES + (torch.float64,)  # cast to fp32: advantages are per row, cheap
 _MASK_DTYPES = _ADV_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-
-
-# ---------------------------------------------------------------- group_advantages
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
-    """rewards: [B] float, B a multiple of `group_size` -> adv: [B] fp32 (a constant: no gradient).
-
-    adv = (r - mean_g) / (std_g + eps), std unbiased over each group of `group_size` consecutive rows
-    (a group of one has std 0); scale="batch" divides by the std of all B rewards, "none" only
-    subtracts the group mean (Dr.GRPO). A group of equal rewards gives exactly 0.
-    """
-    check_tensor("rewards", rewards, dtypes=_ADV_DTYPES, ndim=1)
-    try:  # ints and integer scalars (numpy, 0-dim tensors); not floats or bools
-        if isinstance(group_size, bool):
-            raise TypeError
-        group_size = operator.index(group_size)
-    except TypeError:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}") from None
-    if group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.shape[0] % group_size != 0:
-        raise ValueError(f"group_size {group_size} does not divide the batch: rewards has {rewards.shape[0]} rows")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    backend = dispatch.select_backend("group_advantages", rewards.device.type)
-    if backend == "torch":
-        return reference.group_advantages(rewards, group_size, scale=scale, eps=eps)
-    return _group_advantages_op(rewards.detach().to(torch.float32).contiguous(), group_size, scale, float(eps), backend)
-
-
-@torch.library.custom_op("engine::group_advantages", mutates_args=())
-def _group_advantages_op(rewards: torch.Tensor, group_size: int, scale: str, eps: float, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from triton_kernels.group_advantages import group_advantages_fwd
-
-        return group_advantages_fwd(rewards=rewards, group_size=group_size, scale=scale, eps=eps)
-    _load_cpp()
-    return torch.ops.engine.group_advantages_fwd(rewards, group_size, scale, eps)
-
-
-@_group_advantages_op.register_fake
-def _(rewards, group_size, scale, eps, backend):
-    return rewards.new_empty(rewards.shape, dtype=torch.float32)
-
-
-# ---------------------------------------------------------------- grpo_loss
-
 
 def grpo_loss(
     logp: torch.Tensor,
@@ -103,7 +51,7 @@ def grpo_loss(
     old_logp, ref_logp: [B, T] or None (None: old = logp.detach(); no KL term, kl_coef unused).
     kl_type: low_var_kl | kl | abs | mse; loss_agg: token-mean | seq-mean-token-mean |
     seq-mean-token-sum | seq-mean-token-sum-norm; dual_clip: a float > 1 or None (off).
-    Semantics and edge cases (empty masks give 0): `engine.reference.grpo_loss`.
+    Semantics and edge cases (empty masks give 0; B = 0 gives 0): `engine.reference.grpo_loss`.
     Differentiable in logp only; the other tensors are treated as constants.
     """
     _check_grpo_args(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_type, loss_agg)
@@ -136,8 +84,7 @@ def grpo_loss(
         # Eager: the same kernels through a plain autograd.Function, which skips the custom op's
         # Python round trip through the dispatcher (about 80 us of a 200 us step at B=64, T=2048).
         loss, metrics = _GrpoLossEager.apply(*args)
-    m = metrics.detach().unbind(0)  # metrics carry no gradient
-    return loss, {"clipfrac_high": m[0], "clipfrac_low": m[1], "ppo_kl": m[2], "kl": m[3]}
+    return loss, dict(zip(METRIC_NAMES, metrics.detach().unbind(0)))  # metrics carry no gradient
 
 
 def _check_grpo_args(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_type, loss_agg):
@@ -181,16 +128,9 @@ def _grpo_loss_op(
 
 
 def _fwd_impl(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_type, loss_agg, backend):
-    if backend == "triton":
-        from triton_kernels.grpo_loss import grpo_loss_fwd
-
-        return grpo_loss_fwd(
-            logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp, clip_low=clip_low,
-            clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, loss_agg=loss_agg,
-        )
-    _load_cpp()
-    return torch.ops.engine.grpo_loss_fwd(
-        logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_type, loss_agg
+    return kernels.get("grpo_loss_fwd", backend)(
+        logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp, clip_low=clip_low,
+        clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, loss_agg=loss_agg,
     )
 
 
@@ -213,17 +153,10 @@ def _grpo_loss_backward_op(
 
 def _bwd_impl(grad_loss, logp, advantages, mask, old_logp, ref_logp, row_weight, clip_low, clip_high, dual_clip, kl_coef,
               kl_type, backend):
-    if backend == "triton":
-        from triton_kernels.grpo_loss import grpo_loss_bwd
-
-        return grpo_loss_bwd(
-            grad_loss=grad_loss, logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-            row_weight=row_weight, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-            kl_type=kl_type,
-        )
-    _load_cpp()
-    return torch.ops.engine.grpo_loss_bwd(
-        grad_loss, logp, advantages, mask, old_logp, ref_logp, row_weight, clip_low, clip_high, dual_clip, kl_coef, kl_type
+    return kernels.get("grpo_loss_bwd", backend)(
+        grad_loss=grad_loss, logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+        row_weight=row_weight, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+        kl_type=kl_type,
     )
 
 
@@ -272,10 +205,3 @@ class _GrpoLossEager(torch.autograd.Function):
                           ctx.clip_high, ctx.dual_clip, ctx.kl_coef, ctx.kl_type, ctx.backend)
         return (dlogp,) + (None,) * 11
 
-
-def _load_cpp() -> None:
-    from engine import _extension
-
-    ok, why = _extension.status()
-    if not ok:
-        raise RuntimeError(f"engine: the C++ kernels are not available: {why}")

@@ -1,4 +1,5 @@
-// GRPO on CPU: group_advantages_fwd, grpo_loss_fwd, grpo_loss_bwd (schemas in csrc/ops.cpp).
+// grpo_loss on CPU: grpo_loss_fwd, grpo_loss_bwd (schemas in csrc/ops.cpp; contract:
+// docs/ops.md#grpo_loss).
 //
 // grpo_loss_fwd: one pass over the tokens. Work items are (row, chunk of kChunk tokens); each item
 // writes its six masked sums (pg, kl, mask, clip-high hits, dual-clip hits, old - logp) to a buffer,
@@ -7,18 +8,19 @@
 // grpo_loss_bwd: one elementwise pass, dlogp = g * row_weight[b] * mask * (dpg + kl_coef * dkl),
 // recomputing the per-token terms (cheaper than writing and re-reading them).
 //
-// Inner loops: AVX-512 intrinsics (16 tokens per step, masked loads for the tail, a Cephes-style
-// exp accurate to about 1 ulp) in functions compiled for AVX-512 with a target attribute and taken
-// only after a runtime CPU check; elsewhere a scalar loop with std::exp. The extension is built
-// without -march flags, so both paths live in this one portable file.
-#include <ATen/Dispatch.h>
+// Per-token math: csrc/grpo_math.h (shared with csrc/cuda/grpo_loss.cu), used as is by the scalar
+// path. Inner loops: AVX-512 intrinsics (16 tokens per step, masked loads for the tail, a
+// Cephes-style exp accurate to about 1 ulp) in functions compiled for AVX-512 with a target
+// attribute and taken only after a runtime CPU check; elsewhere the scalar loop. The extension is
+// built without -march flags, so both paths live in this one portable file (about 400 lines: the
+// vector path is most of it and belongs beside the scalar one it must agree with).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "grpo_common.h"
+#include "grpo_math.h"
 
 #include <immintrin.h>
 
@@ -27,85 +29,12 @@
 #include <cstdlib>
 #include <vector>
 
-// float32, bfloat16, float16 (the engine's float dtypes; no double kernels)
-#define GRPO_DISPATCH_FLOAT(TYPE, NAME, ...)                                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 namespace {
 
 constexpr int64_t kChunk = 2048;  // tokens per work item (a multiple of 16)
-using namespace engine_grpo;  // kNumSums, KlType, LossAgg, Params, check_inputs, ... (csrc/grpo_common.h)
+using namespace engine_grpo;  // kNumSums, Params, check_inputs, token_terms, token_grad (csrc/grpo_math.h)
 
-// ---------------------------------------------------------------- scalar path (any x86-64 / other CPUs)
-
-struct Terms {
-  float pg, kl, high, low, ppo;
-};
-
-// One token's loss terms; mirrors engine/reference.py::grpo_loss step by step.
-inline Terms token_terms(float lp, float old, float ref, float a, const Params& p) {
-  const float lr = lp - old;
-  const float ratio = std::exp(std::min(std::max(lr, -20.f), 20.f));
-  const float pg1 = -a * ratio;
-  const float pg2 = -a * std::min(std::max(ratio, p.lo), p.hi);
-  float pg = std::max(pg1, pg2);
-  Terms t{pg, 0.f, pg1 < pg2 ? 1.f : 0.f, 0.f, old - lp};
-  if (p.has_dual && a < 0.f) {
-    const float pg3 = -a * p.dual;
-    t.low = pg > pg3 ? 1.f : 0.f;
-    t.pg = std::min(pg, pg3);
-  }
-  if (p.has_ref) {
-    if (p.kl_type == kLowVarKl) {
-      const float d = std::min(std::max(ref - lp, -20.f), 20.f);
-      t.kl = std::min(std::max(std::exp(d) - d - 1.f, -10.f), 10.f);
-    } else if (p.kl_type == kK1) {
-      t.kl = lp - ref;
-    } else if (p.kl_type == kAbs) {
-      t.kl = std::abs(lp - ref);
-    } else {
-      const float diff = lp - ref;
-      t.kl = 0.5f * (diff * diff);
-    }
-  }
-  return t;
-}
-
-// d(pg + kl_coef * kl) / d logp for one token, with autograd's conventions: clamp passes the
-// gradient at its bounds, max/min split it evenly on ties, abs has gradient 0 at 0.
-inline float token_grad(float lp, float old, float ref, float a, const Params& p) {
-  const float lr = lp - old;
-  const float ratio = std::exp(std::min(std::max(lr, -20.f), 20.f));
-  const float pg1 = -a * ratio;
-  const float pg2 = -a * std::min(std::max(ratio, p.lo), p.hi);
-  const float g1 = (lr >= -20.f && lr <= 20.f) ? -a * ratio : 0.f;
-  const float g2 = (ratio >= p.lo && ratio <= p.hi) ? g1 : 0.f;
-  float g = pg1 > pg2 ? g1 : (pg1 < pg2 ? g2 : 0.5f * (g1 + g2));
-  if (p.has_dual && a < 0.f) {
-    const float pg = std::max(pg1, pg2), pg3 = -a * p.dual;
-    g = pg > pg3 ? 0.f : (pg < pg3 ? g : 0.5f * g);
-  }
-  if (p.has_ref) {
-    float dkl;
-    if (p.kl_type == kLowVarKl) {
-      const float draw = ref - lp;
-      const float d = std::min(std::max(draw, -20.f), 20.f);
-      const float e = std::exp(d);
-      const float k = e - d - 1.f;
-      dkl = (draw >= -20.f && draw <= 20.f && k >= -10.f && k <= 10.f) ? 1.f - e : 0.f;
-    } else if (p.kl_type == kK1) {
-      dkl = 1.f;
-    } else if (p.kl_type == kAbs) {
-      const float diff = lp - ref;
-      dkl = diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f);
-    } else {
-      dkl = lp - ref;
-    }
-    g = g + p.kl_coef * dkl;
-  }
-  return g;
-}
+// ---------------------------------------------------------------- scalar path (any CPU)
 
 template <typename scalar_t, typename mask_t>
 void fwd_item_scalar(const scalar_t* lp, const scalar_t* old, const scalar_t* ref, const float* adv, int64_t adv_step,
@@ -116,7 +45,7 @@ void fwd_item_scalar(const scalar_t* lp, const scalar_t* old, const scalar_t* re
     const float o = p.has_old ? static_cast<float>(old[i]) : l;
     const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
     const float m = static_cast<float>(mask[i]);
-    const Terms t = token_terms(l, o, r, adv[i * adv_step], p);
+    const TokenTerms t = token_terms(l, o, r, adv[i * adv_step], p);
     s[0] += t.pg * m;
     s[1] += t.kl * m;
     s[2] += m;
@@ -484,58 +413,9 @@ at::Tensor grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logp
   return dlogp;
 }
 
-// ---------------------------------------------------------------- group_advantages
-
-at::Tensor group_advantages_fwd_cpu(const at::Tensor& rewards, int64_t group_size, c10::string_view scale, double eps) {
-  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be [B], got ", rewards.sizes());
-  TORCH_CHECK_VALUE(is_float_dtype(rewards.scalar_type()), "rewards must be float32/bfloat16/float16, got ",
-                    rewards.scalar_type());
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", group_size);
-  const int64_t B = rewards.size(0);
-  TORCH_CHECK_VALUE(B % group_size == 0, "group_size ", group_size, " does not divide the batch of ", B, " rewards");
-  TORCH_CHECK_VALUE(scale == "group" || scale == "batch" || scale == "none", "scale must be group, batch or none, got '",
-                    std::string(scale), "'");
-  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
-  const at::Tensor r32 = rewards.to(at::kFloat).contiguous();
-  at::Tensor adv = at::empty({B}, rewards.options().dtype(at::kFloat));
-  if (B == 0) return adv;
-  const float* r = r32.const_data_ptr<float>();
-  float* out = adv.data_ptr<float>();
-  // B is small (prompts x n): one thread, fixed order, double accumulation. Values are shifted by
-  // the group's first reward so a group of equal rewards gives exactly 0.
-  double batch_std = 0.0;
-  if (scale == "batch") {
-    double s = 0.0, ss = 0.0;
-    for (int64_t i = 0; i < B; ++i) s += double(r[i]) - double(r[0]);
-    const double mean = s / double(B);
-    for (int64_t i = 0; i < B; ++i) {
-      const double c = double(r[i]) - double(r[0]) - mean;
-      ss += c * c;
-    }
-    batch_std = std::sqrt(ss / double(std::max<int64_t>(B - 1, 1)));
-  }
-  for (int64_t g0 = 0; g0 < B; g0 += group_size) {
-    double s = 0.0, ss = 0.0;
-    for (int64_t i = g0; i < g0 + group_size; ++i) s += double(r[i]) - double(r[g0]);
-    const double mean = s / double(group_size);
-    for (int64_t i = g0; i < g0 + group_size; ++i) {
-      const double c = double(r[i]) - double(r[g0]) - mean;
-      ss += c * c;
-    }
-    const double std_g = std::sqrt(ss / double(std::max<int64_t>(group_size - 1, 1)));
-    const double denom = scale == "none" ? 1.0 : (scale == "group" ? std_g : batch_std) + eps;
-    for (int64_t i = g0; i < g0 + group_size; ++i) {
-      const double c = double(r[i]) - double(r[g0]) - mean;
-      out[i] = static_cast<float>(denom > 0 ? c / denom : 0.0);  // eps = 0 and a flat group: 0, not NaN
-    }
-  }
-  return adv;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("group_advantages_fwd", &group_advantages_fwd_cpu);
   m.impl("grpo_loss_fwd", &grpo_loss_fwd_cpu);
   m.impl("grpo_loss_bwd", &grpo_loss_bwd_cpu);
 }

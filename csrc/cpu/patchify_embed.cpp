@@ -1,53 +1,28 @@
-// CPU kernels of the Qwen-VL vision front end: patch_embed (a GEMM), patchify (the image processor's
-// layout), patchify_embed (raw pixels -> embeddings, pixel_values never written).
+// CPU kernels of engine.ops.patchify_embed: raw pixels -> patch embeddings, pixel_values never written.
 //
 // Where the time goes: patch embedding is 2*N*K*D FLOPs on N*K inputs, so it is the GEMM; the
-// processor's fp32 [N, 1176] tensor and its normalization are pure overhead. patchify_embed gathers
-// the raw pixels of a chunk of merge-block rows (about 256 patches) into a small per-thread buffer
-// (centred, in the GEMM dtype, ~300 KB: stays in L2) and calls one GEMM per chunk into its slice of
-// the output, OpenMP over chunks. With the normalization and the Tp repeat folded into the weight
-// (vision_common.h) that GEMM has K = C*P*P, half of the Conv3d's.
-#include "cpu/vision_common.h"
+// processor's fp32 [N, 1176] tensor and its normalization are pure overhead. The forward gathers the
+// raw pixels of a chunk of merge-block rows (about 256 patches, cpu/patch_chunks.h) into a small
+// per-thread buffer (centred, in the GEMM dtype, ~300 KB: stays in L2) and calls one GEMM per chunk
+// into its slice of the output, OpenMP over chunks. With the normalization and the Tp repeat folded
+// into the weight (patch_common.h) that GEMM has K = C*P*P, half of the Conv3d's.
+#include "cpu/patch_chunks.h"
+#include "patch_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace {
-using namespace engine_vision;
+using namespace engine_patch;
 using at::Tensor;
-
-// Merge rows [bh0, bh1) of image `b` of images[img]; its patches are output rows [row0, row0 + rows).
-struct Chunk {
-  int64_t img, b, bh0, bh1, row0, rows;
-};
-
-std::vector<Chunk> make_chunks(const std::vector<Tensor>& images, const ImageSet& s, int64_t target_rows, int64_t* max_rows) {
-  std::vector<Chunk> chunks;
-  *max_rows = 0;
-  for (size_t i = 0; i < images.size(); ++i) {
-    const int64_t B = images[i].size(0), gh = images[i].size(2) / s.P, gw = images[i].size(3) / s.P;
-    const int64_t per_row = gw * s.M, n_brows = gh / s.M;
-    const int64_t step = std::max<int64_t>(1, target_rows / per_row);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t bh = 0; bh < n_brows; bh += step) {
-        const int64_t bh1 = std::min(n_brows, bh + step);
-        Chunk c{(int64_t)i, b, bh, bh1, s.first_patch[i] + b * gh * gw + bh * per_row, (bh1 - bh) * per_row};
-        *max_rows = std::max(*max_rows, c.rows);
-        chunks.push_back(c);
-      }
-    }
-  }
-  return chunks;
-}
 
 // Per-channel value of each of the 256 uint8 pixels: a table lookup replaces the int -> float -> dst
 // conversion chain (which gcc does not vectorize for bf16), the gather's only arithmetic.
@@ -141,111 +116,11 @@ Tensor fold_weight_cpu(const Tensor& weight_in, const c10::optional<Tensor>& bia
   return out;
 }
 
-std::vector<Tensor> contiguous_all(at::TensorList images) {
-  std::vector<Tensor> out;
-  for (const auto& t : images) out.push_back(t.contiguous());
-  return out;
-}
-
 void check_cpu(const Tensor& weight) {
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor for the cpp backend, got ", weight.device());
 }
 
-// ---- patch_embed ----
-
-Tensor patch_embed_fwd_cpu(const Tensor& pixel_values, const Tensor& weight, const c10::optional<Tensor>& bias) {
-  check_weight(weight, bias);
-  const int64_t D = weight.size(0), K = weight.numel() / std::max<int64_t>(D, 1);
-  TORCH_CHECK_VALUE(pixel_values.dim() == 2 && pixel_values.size(1) == K, "pixel_values must be [N, C*Tp*P*P] = [N, ", K, "], got ",
-                    pixel_values.sizes());
-  TORCH_CHECK_VALUE(pixel_values.scalar_type() == weight.scalar_type(), "pixel_values must have weight's dtype ", weight.scalar_type(),
-                    ", got ", pixel_values.scalar_type());
-  const Tensor w2 = weight.reshape({D, K});
-  if (bias.has_value() && bias->defined()) return at::addmm(*bias, pixel_values, w2.t());
-  return at::mm(pixel_values, w2.t());
-}
-
-std::tuple<Tensor, Tensor, Tensor> patch_embed_bwd_cpu(const Tensor& grad, const Tensor& pixel_values, const Tensor& weight) {
-  check_weight(weight, c10::nullopt);
-  const int64_t D = weight.size(0), K = weight.numel() / std::max<int64_t>(D, 1);
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(1) == D && grad.size(0) == pixel_values.size(0), "grad must be [N, D], got ", grad.sizes());
-  const Tensor g = grad.to(weight.scalar_type());
-  const Tensor w2 = weight.reshape({D, K});
-  Tensor gx = at::mm(g, w2);
-  Tensor gw = at::mm(g.t(), pixel_values.to(weight.scalar_type())).reshape(weight.sizes());
-  Tensor gb = at::sum(grad, {0}, false, at::kFloat).to(weight.scalar_type());
-  return {gx.to(pixel_values.scalar_type()), gw, gb};
-}
-
-// ---- patchify ----
-
-// `table`: [C][256] normalized values for uint8 images (exactly the formula below, precomputed), else null.
-template <typename src_t>
-void patchify_image(const src_t* img, int64_t C, int64_t H, int64_t W, int64_t P, int64_t Tp, int64_t M, int64_t bh0, int64_t bh1,
-                    const Norm& n, const float* table, float* dst) {
-  // Output-row order (streaming writes, as in gather_centered); each frame is written once and copied Tp-1 times.
-  const int64_t Wb = W / P / M, PP = P * P;
-  float* d = dst;
-  for (int64_t bh = bh0; bh < bh1; ++bh)
-    for (int64_t bw = 0; bw < Wb; ++bw)
-      for (int64_t mh = 0; mh < M; ++mh)
-        for (int64_t mw = 0; mw < M; ++mw) {
-          const src_t* origin = img + (bh * M + mh) * P * W + (bw * M + mw) * P;
-          for (int64_t c = 0; c < C; ++c, d += Tp * PP) {
-            const float m = n.mean[c], sd = n.std_[c];
-            for (int64_t ph = 0; ph < P; ++ph) {
-              const src_t* s = origin + (c * H + ph) * W;
-              float* f = d + ph * P;
-              if constexpr (std::is_same_v<src_t, uint8_t>) {
-                const float* t = table + c * 256;
-                for (int64_t pw = 0; pw < P; ++pw) f[pw] = t[s[pw]];
-              } else {
-                // the processor rescales in float64 and rounds once to float32, then normalizes in float32
-                for (int64_t pw = 0; pw < P; ++pw) f[pw] = (static_cast<float>(static_cast<double>(s[pw]) * n.rescale) - m) / sd;
-              }
-            }
-            for (int64_t t = 1; t < Tp; ++t) std::memcpy(d + t * PP, d, PP * sizeof(float));  // the frame, repeated
-          }
-        }
-}
-
-std::vector<float> normalized_byte_table(const Norm& n) {
-  std::vector<float> t(n.mean.size() * 256);
-  for (size_t c = 0; c < n.mean.size(); ++c)
-    for (int v = 0; v < 256; ++v) t[c * 256 + v] = (static_cast<float>(static_cast<double>(v) * n.rescale) - n.mean[c]) / n.std_[c];
-  return t;
-}
-
-Tensor patchify_fwd_cpu(at::TensorList images, int64_t patch_size, int64_t temporal_patch_size, int64_t merge_size, c10::ArrayRef<double> mean,
-                        c10::ArrayRef<double> std, double rescale) {
-  TORCH_CHECK_VALUE(images.size() > 0, "images must hold at least one image");
-  TORCH_CHECK_VALUE(temporal_patch_size > 0, "temporal_patch_size must be positive, got ", temporal_patch_size);
-  const int64_t C = images[0].dim() == 4 ? images[0].size(1) : 0;
-  const ImageSet s = check_images(images, C, patch_size, merge_size, images[0].device());
-  TORCH_CHECK_VALUE(images[0].device().is_cpu(), "images must be CPU tensors for the cpp backend");
-  const Norm n = make_norm(mean, std, rescale, C);
-  const int64_t Tp = temporal_patch_size, P = patch_size, ld = C * Tp * P * P;
-  const std::vector<Tensor> imgs = contiguous_all(images);
-  int64_t max_rows = 0;
-  const std::vector<Chunk> chunks = make_chunks(imgs, s, 64, &max_rows);
-  Tensor out = at::empty({s.total_patches, ld}, imgs[0].options().dtype(at::kFloat));
-  float* out_p = out.data_ptr<float>();
-  const std::vector<float> table = normalized_byte_table(n);
-  at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const Chunk& ch = chunks[i];
-      const Tensor& image = imgs[ch.img];
-      const int64_t H = image.size(2), W = image.size(3);
-      AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, image.scalar_type(), "patchify", [&] {
-        const scalar_t* img = image.data_ptr<scalar_t>() + ch.b * C * H * W;
-        patchify_image<scalar_t>(img, C, H, W, P, Tp, s.M, ch.bh0, ch.bh1, n, table.data(), out_p + ch.row0 * ld);
-      });
-    }
-  });
-  return out;
-}
-
-// ---- patchify_embed ----
+// ---- forward and backward ----
 
 Tensor patchify_embed_fwd_cpu(at::TensorList images, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t merge_size,
                               c10::ArrayRef<double> mean, c10::ArrayRef<double> std, double rescale) {
@@ -309,9 +184,6 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cpu(const Tensor& grad, at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("patch_embed_fwd", &patch_embed_fwd_cpu);
-  m.impl("patch_embed_bwd", &patch_embed_bwd_cpu);
-  m.impl("patchify_fwd", &patchify_fwd_cpu);
   m.impl("patchify_embed_fwd", &patchify_embed_fwd_cpu);
   m.impl("patchify_embed_bwd", &patchify_embed_bwd_cpu);
 }

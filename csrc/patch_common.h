@@ -1,5 +1,6 @@
-// Shared by csrc/cpu/vision.cpp and csrc/cuda/vision.cu: argument checks and the algebra that lets
-// patchify_embed run a GEMM on raw pixels.
+// Shared by the patch ops' kernels (csrc/cpu/{patch_embed,patchify,patchify_embed}.cpp and
+// csrc/cuda/{patch_embed,patchify,patchify_embed}.cu): argument checks, the normalization constants,
+// and the algebra that lets patchify_embed run a GEMM on raw pixels.
 //
 // Why the fused op is cheaper than patchify + GEMM, not just equal to it:
 //   x_norm[c] = x[c] * rescale / std[c] - mean[c] / std[c] = a[c] * (x[c] - z[c]) + k[c],
@@ -21,7 +22,7 @@
 #include <cmath>
 #include <vector>
 
-namespace engine_vision {
+namespace engine_patch {
 
 struct Norm {
   std::vector<float> a, z, k;  // per channel, see above
@@ -92,6 +93,13 @@ inline void check_weight(const at::Tensor& weight, const c10::optional<at::Tenso
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The kernels index images as dense [B, C, H, W]: a strided view is copied once here.
+inline std::vector<at::Tensor> contiguous_all(at::TensorList images) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : images) out.push_back(t.contiguous());
+  return out;
+}
+
 // The GEMM's right-hand side [D, Kpad] in weight's dtype: columns [0, K) = Weff, K = hi(bias_eff),
 // K+1 = lo(bias_eff), the rest 0 (Kpad a multiple of 16: AMX/tensor-core friendly rows).
 inline at::Tensor fold_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const Norm& n, int64_t Kpad) {
@@ -125,4 +133,4 @@ inline at::Tensor unfold_weight_grad(const at::Tensor& gweff, const at::Tensor& 
   return g.unsqueeze(2).expand({D, C, Tp, P, P}).to(weight.scalar_type()).contiguous();
 }
 
-}  // namespace engine_vision
+}  // namespace engine_patch

@@ -1,0 +1,118 @@
+"""Command-line flags generated from the config dataclasses (`pebr.config`), so a field's type,
+choices and reason are written once.
+
+    fields = add_fields(group, C.SFTConfig, shown=cfg.sft, prefix="sft-", aliases={"num_items": ["--sft-items"]})
+    args = parser.parse_args(argv)
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, **given(args, fields)))
+
+Each field `some_name` becomes `--[prefix]some-name` with the field's type (`int`, `float`, `str`;
+`X | None` as X; `tuple[float, float]` as two values), its `choices`, and its help followed by
+`(default: V)`, where V is read from `shown` (the preset's config, so `--help` shows the value the
+run would use). Booleans become `--x/--no-x`. With `unset_default=True` (the trainer) the parsed
+value stays None unless the flag is given, so `given` returns exactly the overrides; otherwise
+the flag's default is the shown value.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def _base_type(tp):
+    """(python type, nargs) of a field annotation: `X | None` -> X; `tuple[float, float]` -> (float, 2)."""
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"unsupported union type {tp!r}")
+        return _base_type(rest[0])
+    if typing.get_origin(tp) is tuple:
+        if not args or Ellipsis in args or len(set(args)) != 1:
+            raise TypeError(f"unsupported tuple type {tp!r}: use tuple[T, T, ...] with one T")
+        return args[0], len(args)
+    if tp in (int, float, str, bool):
+        return tp, None
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def field_help(cls, name: str) -> str:
+    """The reason written in the field's metadata (`opt(default, help)`)."""
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("help", "")
+
+
+def add_fields(
+    group,
+    cls,
+    *,
+    shown=None,
+    prefix: str = "",
+    only: typing.Iterable[str] | None = None,
+    skip: typing.Iterable[str] = (),
+    aliases: dict[str, list[str]] | None = None,
+    unset_default: bool = False,
+) -> dict[str, str]:
+    """Add one flag per (non-dataclass) field of `cls` to `group` -> {argparse dest: field name}.
+
+    group: an ArgumentParser or argument group.
+    shown: an instance of `cls` whose values `--help` shows as defaults (default: `cls()`).
+    prefix: put before each flag name and dest ("sft-" -> `--sft-lr`, dest `sft_lr`).
+    only / skip: which fields get a flag (in the order of `only` when given).
+    aliases: extra option strings per field, for flags whose name differs from the field
+        (`{"group_size": ["-n"]}`); a short alias is listed first.
+    unset_default: the parsed value is None unless the flag is given (see `given`).
+    """
+    shown = cls() if shown is None else shown
+    hints = typing.get_type_hints(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(only) if only is not None else list(by_name)
+    skip = set(skip)
+    aliases = aliases or {}
+    unknown = [n for n in [*names, *skip, *aliases] if n not in by_name]
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
+    dests = {}
+    for name in names:
+        f = by_name[name]
+        if name in skip or dataclasses.is_dataclass(hints[name]):
+            continue
+        tp, nargs = _base_type(hints[name])
+        dest = (prefix + name).replace("-", "_")
+        flag = "--" + (prefix + name).replace("_", "-")
+        extra = aliases.get(name, [])
+        options = [a for a in extra if not a.startswith("--")] + [flag] + [a for a in extra if a.startswith("--")]
+        value = getattr(shown, name)
+        help_text = f.metadata.get("help", "").replace("%", "%%") + f" (default: {_show(value)})"
+        kw = dict(dest=dest, help=help_text)
+        if tp is bool:
+            # default set afterwards: BooleanOptionalAction would append its own "(default: ...)"
+            group.add_argument(*options, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kw.update(type=tp, metavar=name.upper())
+            if nargs:
+                kw["nargs"] = nargs
+            if f.metadata.get("choices"):
+                kw.update(choices=[c for c in f.metadata["choices"] if c is not None], metavar=None)
+            group.add_argument(*options, **kw)
+        group.set_defaults(**{dest: None if unset_default else value})
+        dests[dest] = name
+    return dests
+
+
+def given(args: argparse.Namespace, dests: dict[str, str]) -> dict:
+    """{field: value} for each flag of `dests` whose parsed value is not None (tuples restored)."""
+    out = {}
+    for dest, name in dests.items():
+        value = getattr(args, dest)
+        if value is not None:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+

@@ -1,0 +1,192 @@
+"""The one training loop under stage 0 (SFT) and stages 1-2 (GRPO).
+
+    train()                      the loop: progress, metrics lines, checkpoints (only here)
+      -> train_step()            one optimizer step's worth of data (subclass: SFT batch / GRPO rollouts)
+        -> minibatch_step()      zero grads, accumulate the micro-batches, clip, AdamW step
+          -> forward_backward_step()   one micro-batch's loss and backward (subclass)
+
+Data parallelism (torchrun): each rank holds its share of every mini-batch (pebr.distributed).
+The policy is sharded with FSDP2 (pebr.fsdp) and every computation with it runs through
+`self.run(fn, ...)`. A micro-batch's loss is scaled by `world_size * local_count / global_count`
+(counts all-reduced before the first backward), so that FSDP's average over ranks of the summed
+micro-batch gradients is the gradient of the whole mini-batch's loss: the W-rank gradient equals
+the 1-rank gradient of the same data, and the micro-batch size changes nothing but memory.
+Only rank 0 writes the metrics file and the log; every rank takes part in checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+
+import torch
+
+from pebr.checkpoint import Checkpointer, load_trainer_state, rng_state, set_rng_state
+from pebr.distributed import World
+
+
+def build_optimizer(model, *, lr: float, weight_decay: float, betas=(0.9, 0.999), warmup_steps: int = 0):
+    """AdamW on the trainable parameters + constant LR after a linear warm-up -> (optimizer, scheduler)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    warm = max(0, int(warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+def set_vision_trainable(model, trainable: bool) -> None:
+    """Freeze or unfreeze the vision tower (model.model.visual)."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(trainable)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """CUDA: max_memory_allocated; CPU: the process's RSS high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _as_float(x) -> float:
+    """A float from a tensor, a DTensor (FSDP's grad norm) or a number."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
+class Trainer:
+    """Subclasses set `total_steps`, `order` (a DataOrder) and implement train_step /
+    forward_backward_step; `progress_postfix(metrics)` feeds the progress bar."""
+
+    desc = "train"
+
+    def __init__(self, cfg, *, policy, run_dir: str, world: World | None, lr: float, warmup_steps: int,
+                 freeze_vision: bool, stage: int, init_model: str | None, log=print, metrics_log=None):
+        self.cfg, self.policy, self.run_dir, self.stage, self.init_model = cfg, policy, run_dir, stage, init_model
+        self.world = world or World(device=policy.device)
+        self.log = log if self.world.is_main else (lambda *a, **k: None)
+        self.metrics_log = metrics_log if self.world.is_main else None
+        model = policy.model
+        set_vision_trainable(model, not freeze_vision)
+        if getattr(cfg, "gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.runner = None
+        if self.world.distributed:
+            from pebr.fsdp import shard_model
+
+            self.runner = shard_model(model, mixed_bf16=cfg.dtype == "bfloat16", cpu_offload=getattr(cfg, "cpu_offload", False))
+        self.opt, self.sched = build_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                               warmup_steps=warmup_steps)
+        self.ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ---- the model, wherever its shards live
+
+    def run(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs), inside the FSDP root's forward when sharded."""
+        if self.runner is not None:
+            return self.runner(fn, *args, **kwargs)
+        return fn(self.policy.model, *args, **kwargs)
+
+    # ---- state
+
+    def state_dict(self) -> dict:
+        """JSON-able trainer state; the optimizer goes through torch.distributed.checkpoint."""
+        return {
+            "step": self.step,
+            "data_position": self.order.position,
+            "scheduler": {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"},
+            "config": self.cfg.to_dict(),
+            "init_model": self.init_model,
+            "stage": self.stage,
+            "world_size": self.world.world_size,
+        }
+
+    def save(self) -> str:
+        return self.ckpt.save(self.step, self.policy, self.state_dict(), world=self.world, optimizer=self.opt,
+                              rng=rng_state())
+
+    def resume_from(self, path: str) -> None:
+        state = load_trainer_state(path)
+        self.step = int(state["step"])
+        self.order.position = int(state["data_position"])
+        self.ckpt.load_optimizer(path, self.policy.model, self.opt, state)
+        sched = self.sched.state_dict()
+        sched.update(state["scheduler"])
+        self.sched.load_state_dict(sched)
+        rng = self.ckpt.load_rng(path, self.world.rank)
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # another world size wrote it: a fresh, rank-distinct stream from the seed and step
+            torch.manual_seed(self.cfg.seed * 100003 + self.step * 101 + self.world.rank)
+        if self.metrics_log is not None:
+            self.metrics_log.truncate_after(self.step)
+        self.log(f"resumed from {path} at step {self.step} (data position {self.order.position}, "
+                 f"written by {state.get('world_size', 1)} rank(s), now {self.world.world_size})")
+
+    # ---- the loop
+
+    def progress_postfix(self, metrics: dict) -> dict:
+        return {}
+
+    def train(self) -> list[dict]:
+        """Run until `total_steps`; checkpoint every `save_every` steps and at the end."""
+        cfg = self.cfg
+        bar = None
+        if cfg.progress and self.world.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step")
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            metrics["world_size"] = self.world.world_size
+            self.history.append(metrics)
+            if self.metrics_log is not None:
+                self.metrics_log.append(metrics)
+            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                self.save()
+            if bar is not None:
+                bar.set_postfix(**self.progress_postfix(metrics))
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def minibatch_step(self, micro_batches: list, **shared) -> dict:
+        """One optimizer step over `micro_batches` -> {sums of the micro-batches' metric dicts...,
+        grad_norm, skipped}. `shared` is passed to every forward_backward_step."""
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for mb in micro_batches:
+            for k, v in self.forward_backward_step(mb, **shared).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        skipped = 0
+        if math.isfinite(norm):
+            self.opt.step()
+            self.sched.step()
+        else:  # a non-finite gradient would poison AdamW's moments: skip this update, keep going
+            skipped = 1
+            self.log(f"step {self.step + 1}: gradient norm is {norm}; update skipped")
+        self.opt.zero_grad(set_to_none=True)
+        sums.update(grad_norm=norm, skipped=skipped)
+        return sums
+
+    def forward_backward_step(self, micro_batch, **shared) -> dict:
+        raise NotImplementedError
+
+    def step_metrics(self, t0: float, tokens_local: float) -> dict:
+        """Timing and memory, reduced over ranks: the slowest rank's time, the job's tokens/s."""
+        dt = time.perf_counter() - t0
+        slowest, peak = self.world.max([dt, peak_mem_mb(self.world.device)]).tolist()
+        tokens = float(self.world.sum([tokens_local])[0])
+        return {"step_time_s": slowest, "tokens_per_s": tokens / max(slowest, 1e-9), "peak_mem_mb": peak,
+                "lr": self.sched.get_last_lr()[0]}
