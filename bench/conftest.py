@@ -45,6 +45,8 @@ def record():
     """
 
     def _record(benchmark, *, group: str, backend: str, bytes: int = 0, flops: int = 0, peak_bytes=None, floor="read", dtype="float32"):
+        if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
+            return
         median = benchmark.stats.stats.median
         row = dict(group=group, backend=backend, median_ms=median * 1e3, bytes=bytes, flops=flops, floor=floor, dtype=dtype)
         if bytes:

@@ -34,15 +34,13 @@ TORCH_LIBRARY(engine, m) {
   // ---- grpo_loss (csrc/cpu/grpo_loss.cpp, csrc/cuda/grpo_loss.cu; per-token math: csrc/grpo_math.h) ----
   // logp/old_logp/ref_logp [B, T] one float dtype, advantages fp32 [B] or [B, T], mask bool/fp32 [B, T]
   // -> (loss [] fp32, metrics [4] fp32: clipfrac_high, clipfrac_low, ppo_kl, kl; row_weight [B] fp32)
-  m.def(
-      "grpo_loss_fwd(Tensor logp, Tensor advantages, Tensor mask, Tensor? old_logp, Tensor? ref_logp, "
-      "float clip_low, float clip_high, float? dual_clip, float kl_coef, str kl_type, str loss_agg) "
-      "-> (Tensor, Tensor, Tensor)");
+  m.def("grpo_loss_fwd(Tensor logp, Tensor advantages, Tensor mask, Tensor? old_logp, Tensor? ref_logp, "
+        "float clip_low, float clip_high, float? dual_clip, float kl_coef, str kl_type, str loss_agg) "
+        "-> (Tensor, Tensor, Tensor)");
   // -> dlogp [B, T] in logp's dtype = grad_loss * row_weight[b] * mask * d(pg + kl_coef * kl)/dlogp
-  m.def(
-      "grpo_loss_bwd(Tensor grad_loss, Tensor logp, Tensor advantages, Tensor mask, Tensor? old_logp, "
-      "Tensor? ref_logp, Tensor row_weight, float clip_low, float clip_high, float? dual_clip, float kl_coef, "
-      "str kl_type) -> Tensor");
+  m.def("grpo_loss_bwd(Tensor grad_loss, Tensor logp, Tensor advantages, Tensor mask, Tensor? old_logp, "
+        "Tensor? ref_logp, Tensor row_weight, float clip_low, float clip_high, float? dual_clip, float kl_coef, "
+        "str kl_type) -> Tensor");
 
   // ---- patch_embed (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu) ----
   // Qwen-VL patch embedding (Conv3d with kernel == stride) as a GEMM: pixel_values [N, C*Tp*P*P] in weight's

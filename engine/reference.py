@@ -219,9 +219,12 @@ def patchify(images, *, geometry: _patch_geometry.PatchGeometry = _DEFAULT_GEOME
         x = x.unsqueeze(5).expand(*x.shape[:5], Tp, P, P)
         rows.append(x.reshape(gh * gw, C * Tp * P * P))
         grids.append([1, gh, gw])
-    device = rows[0].device if rows else None
-    pixel_values = torch.cat(rows) if rows else torch.empty(0, 0)
-    return pixel_values, torch.tensor(grids, dtype=torch.int64, device=device).reshape(-1, 3)
+    first = images[0] if isinstance(images, (list, tuple)) else images  # for an empty batch's shape and device
+    if not rows:
+        pixel_values = torch.empty(0, first.shape[-3] * Tp * P * P, device=first.device)
+    else:
+        pixel_values = torch.cat(rows)
+    return pixel_values, torch.tensor(grids, dtype=torch.int64, device=first.device).reshape(-1, 3)
 
 
 def patchify_embed(

@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -121,8 +122,10 @@ class Checkpointer:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
             osd = get_optimizer_state_dict(policy.model, optimizer)
-            dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(tmp, OPTIMIZER_DIR),
-                     no_dist=not world.distributed)
+            with warnings.catch_warnings():  # "assuming ... a single process": yes, in a world of one
+                warnings.filterwarnings("ignore", message=".*single process.*")
+                dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(tmp, OPTIMIZER_DIR),
+                         no_dist=not world.distributed)
         if rng is not None:
             torch.save(rng, os.path.join(tmp, f"rng_rank{world.rank}.pt"))
         if world.is_main:
@@ -152,7 +155,9 @@ class Checkpointer:
 
             osd = get_optimizer_state_dict(model, optimizer)  # the layout to read into (state initialized)
             box = {"optimizer": osd}
-            dcp.load(box, checkpoint_id=opt_dir, no_dist=not dist.is_initialized())
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*single process.*")
+                dcp.load(box, checkpoint_id=opt_dir, no_dist=not dist.is_initialized())
             set_optimizer_state_dict(model, optimizer, box["optimizer"])
         elif state is not None and "optimizer" in state:  # a legacy checkpoint: a plain state dict
             optimizer.load_state_dict(state["optimizer"])

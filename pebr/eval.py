@@ -17,14 +17,20 @@ from pebr.cli import add_fields
 from pebr.config import EvalConfig
 
 
-def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: float = 0.0, batch_prompts: int = 32) -> tuple[dict, list[dict]]:
-    """-> (summary {"accuracy", "format", "n", "by_type": {type: {"accuracy", "n"}}}, one record per item)."""
+def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: float = 0.0, batch_prompts: int = 32,
+             world=None) -> tuple[dict, list[dict]]:
+    """-> (summary {"accuracy", "format", "n", "by_type": {type: {"accuracy", "n"}}}, one record per item).
+
+    world: a pebr.distributed.World: each rank answers items[rank::world_size]; every rank gets the
+    merged records in item order."""
     from pebr.rewards import accuracy_reward, format_reward
     from pebr.rollout import generate_rollouts
 
     records = []
-    for c0 in range(0, len(items), batch_prompts):
-        batch = items[c0 : c0 + batch_prompts]
+    W = world.world_size if world is not None else 1
+    mine = items[world.rank :: W] if W > 1 else items
+    for c0 in range(0, len(mine), batch_prompts):
+        batch = mine[c0 : c0 + batch_prompts]
         ro = generate_rollouts(policy, batch, n=1, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
         for item, text, k in zip(batch, ro.texts, ro.num_tokens):
             records.append({
@@ -32,6 +38,9 @@ def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: floa
                 "response": text, "num_tokens": k, "correct": accuracy_reward(text, item.answer) >= 1.0,
                 "format": format_reward(text),
             })
+    if W > 1:
+        position = {it.id: i for i, it in enumerate(items)}
+        records = sorted((r for part in world.gather_objects(records) for r in part), key=lambda r: position[r["id"]])
     by = defaultdict(list)
     for r in records:
         by[r["task_type"]].append(r["correct"])
@@ -74,9 +83,16 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    policy = load_policy(args.model, device=args.device)
-    summary, records = evaluate(policy, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    from pebr.distributed import init_world
+
+    world = init_world(device=args.device)
+    torch.manual_seed(world.rank)
+    policy = load_policy(args.model, device=world.device)
+    summary, records = evaluate(policy, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                world=world)
+    world.close()
+    if not world.is_main:
+        return 0
     slug = os.path.normpath(args.model).strip(os.sep).replace(os.sep, "_")
     out = args.output or os.path.join("runs", "eval", f"{slug}_{'data' if args.data else args.kind}.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -34,7 +34,7 @@ class ImageEncoder:
     rescale_factor: float = 1 / 255  # uint8 -> [0, 1]
 
     def __post_init__(self):
-        self.geometry  # checks the patch settings now (ValueError naming the field), not at the first image
+        _ = self.geometry  # checks the patch settings now (ValueError naming the field), not at the first image
 
     @property
     def geometry(self) -> PatchGeometry:

@@ -48,10 +48,17 @@ def main(argv=None) -> int:
         items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed")
     if not items:
         raise SystemExit("error: no items to sample")
-    torch.manual_seed(args.seed)
-    policy = load_policy(model, device=args.device)
+    from pebr.distributed import init_world
+
+    world = init_world(device=args.device)
+    torch.manual_seed(args.seed + 1_000_003 * world.rank)
+    policy = load_policy(model, device=world.device)
     result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts, progress=True)
+                            max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,
+                            progress=world.is_main, world=world)
+    world.close()
+    if not world.is_main:
+        return 0
     write_sampling(result, args.output_dir, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k})
     n = len(items)
     counts = result.counts

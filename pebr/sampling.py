@@ -45,12 +45,19 @@ def sample_dataset(
     max_new_tokens: int = 256,
     batch_prompts: int = 16,
     progress: bool = False,
+    world=None,
 ) -> SamplingResult:
-    """Roll every item out k times (groups of k per prompt), grade each response's final answer."""
+    """Roll every item out k times (groups of k per prompt), grade each response's final answer.
+
+    world: a pebr.distributed.World: each rank rolls out items[rank::world_size] with its own
+    (unsharded) copy of the policy and every rank returns the merged result, in item order."""
     from pebr.rewards import accuracy_reward
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    all_items = items
+    if world is not None and world.world_size > 1:
+        items = items[world.rank :: world.world_size]
     rollouts, n_correct = [], {}
     chunks = range(0, len(items), batch_prompts)
     if progress:
@@ -68,6 +75,12 @@ def sample_dataset(
                 "item_id": item.id, "task_type": item.task_type, "sample": row % k, "response": text,
                 "correct": ok, "num_tokens": ro.num_tokens[row],
             })
+    if world is not None and world.world_size > 1:
+        parts = world.gather_objects((rollouts, n_correct))
+        position = {it.id: i for i, it in enumerate(all_items)}
+        rollouts = sorted((r for part, _ in parts for r in part), key=lambda r: (position[r["item_id"]], r["sample"]))
+        n_correct = {k: v for _, part in parts for k, v in part.items()}
+    items = all_items
     splits = {name: [] for name in SPLITS}
     for item in items:
         splits[split_of(n_correct.get(item.id, 0), k)].append(item.id)

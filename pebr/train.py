@@ -9,23 +9,24 @@ is none (warm-up SFT of the built-in tiny policy); stage 2 starts from OUT/stage
 sampling (k rollouts per item, easy/medium/hard) runs once and is cached in OUT/sampling.
 Each stage folder holds checkpoints/ (HF folders + trainer state, `latest`), metrics.jsonl
 (one line per step) and train.log.
+
+Data parallel on one machine or many (FSDP2; nccl on CUDA, gloo on CPU):
+    torchrun --nproc-per-node 8 -m pebr.train --stage 2 ...
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m pebr.train --stage 2 ...
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import sys
-import time
 
 import torch
 
 from pebr import config as C
+from pebr import stages
 from pebr.cli import add_fields, field_help, given
-
-SFT_SEED = 2  # procedural warm-up items: a pool of their own
+from pebr.stages import run, stage_dir  # noqa: F401  (scripts import them from here)
 
 log = logging.getLogger("pebr")
 
@@ -104,265 +105,6 @@ def config_from_args(args) -> C.TrainConfig:
     )
 
 
-# ---- pieces
-
-
-def _setup_logging(stage_dir: str) -> None:
-    os.makedirs(stage_dir, exist_ok=True)
-    log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(os.path.join(stage_dir, "train.log"))):
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    log.propagate = False
-
-
-def stage_dir(cfg, stage: int | None = None) -> str:
-    return os.path.join(cfg.output_dir, f"stage{cfg.stage if stage is None else stage}")
-
-
-def latest_policy_path(cfg, stage: int) -> str | None:
-    from pebr.checkpoint import Checkpointer
-
-    root = os.path.join(stage_dir(cfg, stage), "checkpoints")
-    return Checkpointer(root).latest() if os.path.isdir(root) else None
-
-
-def _dtype(cfg) -> torch.dtype:
-    return getattr(torch, cfg.dtype)
-
-
-def load_items(cfg, *, purpose: str) -> list:
-    """--data records (bad rows skipped and reported) or built-in procedural items for `purpose`."""
-    from pebr import tasks
-
-    if cfg.data:
-        from pebr.data import load_records
-
-        res = load_records(cfg.data)
-        log.info(f"data {cfg.data}: {res.summary()}")
-        for row, why in res.skipped:
-            log.info(f"  skipped row {row}: {why}")
-        if not res.items:
-            raise SystemExit(f"error: no usable rows in {cfg.data}")
-        return res.items
-    if purpose == "sft":
-        return tasks.generate_items(cfg.sft.num_items, seed=SFT_SEED, kind="mixed")
-    return tasks.generate_items(cfg.sampling.num_items, seed=cfg.sampling.seed, kind="mixed")
-
-
-def _seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _metrics_log(sdir: str, *, fresh: bool):
-    from pebr.metrics_log import MetricsLog
-
-    path = os.path.join(sdir, "metrics.jsonl")
-    if fresh and os.path.exists(path):
-        os.remove(path)
-    return _StepLog(MetricsLog(path))
-
-
-class _StepLog:
-    """Adapts MetricsLog.log(step, metrics) to the trainers' append(metrics)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def append(self, metrics: dict) -> None:
-        self.inner.log(metrics["step"], metrics)
-
-    def truncate_after(self, step: int) -> None:
-        self.inner.truncate_after(step)
-
-
-# ---- stages
-
-
-def run_sft(cfg) -> str:
-    """Stage 0 -> path of the warm-up policy (OUT/stage0's latest checkpoint)."""
-    from pebr.checkpoint import Checkpointer
-    from pebr.policy import build_tiny_policy, load_policy
-    from pebr.sft import SFTTrainer
-
-    sdir = stage_dir(cfg, 0)
-    _setup_logging(sdir)
-    ckpts = Checkpointer(os.path.join(sdir, "checkpoints"))
-    latest = ckpts.latest() if cfg.resume else None
-    _seed_all(cfg.seed)
-    if latest:
-        policy = load_policy(latest, dtype=_dtype(cfg), device=cfg.device)
-    elif cfg.model:
-        policy = load_policy(cfg.model, dtype=_dtype(cfg), device=cfg.device)
-    else:
-        policy = build_tiny_policy(seed=cfg.seed)
-        policy.model.to(device=cfg.device, dtype=_dtype(cfg))
-    if not latest:
-        ckpts.clear()
-    ckpts.sweep()
-    items = load_items(cfg, purpose="sft")
-    log.info(f"stage 0 (warm-up SFT): {len(items)} items, {cfg.sft.epochs} epochs, lr {cfg.sft.lr}, "
-             f"model {cfg.model or 'built-in tiny policy'}")
-    trainer = SFTTrainer(cfg, policy=policy, items=items, run_dir=sdir, log=log.info,
-                         metrics_log=_metrics_log(sdir, fresh=not latest))
-    if latest:
-        trainer.resume_from(latest)
-    hist = trainer.train()
-    if ckpts.latest() is None:  # zero steps asked for: still leave a loadable policy
-        trainer.save()
-    if hist:
-        log.info(f"stage 0 done: loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} in {len(hist)} steps")
-    path = ckpts.latest()
-    log.info(f"stage 0 policy: {path}")
-    return path
-
-
-def resolve_init_model(cfg) -> str:
-    """The HF folder stage 1/2 starts from: --model, else the previous stage's latest checkpoint
-    (stage 1 builds stage 0 first when there is none)."""
-    if cfg.model:
-        return cfg.model
-    prev = cfg.stage - 1
-    path = latest_policy_path(cfg, prev)
-    if path:
-        return path
-    if cfg.stage == 1:
-        log.info(f"no stage-0 policy under {stage_dir(cfg, 0)}: running the warm-up SFT first")
-        sft_cfg = dataclasses.replace(C.preset(cfg.preset, 0), output_dir=cfg.output_dir, seed=cfg.seed,
-                                      device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, data=cfg.data)
-        path = run_sft(sft_cfg)
-        _setup_logging(stage_dir(cfg))
-        return path
-    raise SystemExit(f"error: no stage-{prev} policy under {stage_dir(cfg, prev)}; run --stage {prev} first or pass --model")
-
-
-def ensure_sampling(cfg, init_model: str, items: list) -> dict:
-    """Dataset-level sampling of `items` with the policy at `init_model`, cached in OUT/sampling."""
-    from pebr.policy import load_policy
-    from pebr.sampling import read_splits, sample_dataset, write_sampling
-
-    folder = os.path.join(cfg.output_dir, "sampling")
-    s = cfg.sampling
-    meta = {"model": os.path.abspath(init_model), "data": cfg.data, "k": s.k, "num_items": len(items),
-            "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": cfg.max_new_tokens}
-    cached = read_splits(folder)
-    ids = {it.id for it in items}
-    if cached is not None:
-        cached_ids = set(cached["easy"]) | set(cached["medium"]) | set(cached["hard"])
-        same_model = cached.get("meta", {}).get("model") == meta["model"]
-        # Stage 1 samples with its starting policy; stage 2 reuses that sampling (the paper samples once).
-        if cached_ids == ids and cached.get("k") == s.k and (same_model or cfg.stage == 2):
-            log.info(f"dataset-level sampling: cached in {folder}: {cached['counts']}")
-            return cached
-    policy = load_policy(init_model, dtype=_dtype(cfg), device=cfg.device)
-    t0 = time.perf_counter()
-    res = sample_dataset(policy, items, k=s.k, temperature=s.temperature, top_p=s.top_p,
-                         max_new_tokens=cfg.max_new_tokens, batch_prompts=s.batch_prompts, progress=cfg.progress)
-    write_sampling(res, folder, meta=meta)
-    log.info(f"dataset-level sampling: {len(items)} items x k={s.k} in {time.perf_counter() - t0:.0f}s: "
-             f"{res.counts} -> {folder}")
-    return read_splits(folder)
-
-
-def select_split(cfg, items: list, splits: dict) -> list:
-    """Items of the stage's split, topped up from the neighbouring split when smaller than min_split_items."""
-    name = cfg.train_split
-    if name == "all":
-        return items
-    by_id = {it.id: it for it in items}
-    chosen = [by_id[i] for i in splits[name] if i in by_id]
-    order = {"easy": ["medium", "hard"], "medium": ["easy", "hard"], "hard": ["medium", "easy"]}[name]
-    if len(chosen) < cfg.min_split_items:
-        for other in order:
-            extra = [by_id[i] for i in splits[other] if i in by_id]
-            need = cfg.min_split_items - len(chosen)
-            if need <= 0:
-                break
-            log.info(f"split {name!r} holds {len(chosen)} items (< {cfg.min_split_items}): adding {min(need, len(extra))} {other!r} items")
-            chosen += extra[:need]
-    if not chosen:
-        raise SystemExit(f"error: the {name!r} split is empty; pass --split all or --min-split-items N")
-    return chosen
-
-
-def make_reward_fn(cfg):
-    """reward_fn(text, item, num_tokens) -> dict for the stage: perception (1) or reasoning (2)."""
-    from pebr import rewards
-
-    if cfg.stage == 1:
-        scorer = rewards.ClipScorer.from_pretrained(cfg.clip_model, device=cfg.device) if cfg.clip_model else None
-        weights = rewards.PerceptionWeights()
-        return lambda text, item, k: rewards.perception_reward(text, item, num_tokens=k, weights=weights, scorer=scorer)
-    weights = rewards.ReasoningWeights()
-    return lambda text, item, k: rewards.reasoning_reward(text, item, weights=weights)
-
-
-def run_grpo(cfg) -> str:
-    """Stage 1 or 2 -> path of the final checkpoint."""
-    from pebr.checkpoint import Checkpointer, load_trainer_state
-    from pebr.grpo_trainer import GRPOTrainer
-    from pebr.policy import load_policy
-
-    sdir = stage_dir(cfg)
-    _setup_logging(sdir)
-    ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
-    latest = ckpts.latest() if cfg.resume else None
-    if cfg.resume and not latest:
-        log.info(f"--resume: no checkpoint under {ckpts.root}; starting fresh")
-    init_model = load_trainer_state(latest)["init_model"] if latest else resolve_init_model(cfg)
-    items = load_items(cfg, purpose="rl")
-    splits = ensure_sampling(cfg, init_model, items)
-    train_items = select_split(cfg, items, splits)
-    _seed_all(cfg.seed)
-    policy = load_policy(latest or init_model, dtype=_dtype(cfg), device=cfg.device)
-    reference = None
-    if cfg.kl_coef > 0:  # the frozen starting policy of this stage
-        reference = load_policy(init_model, dtype=_dtype(cfg), device=cfg.device)
-        reference.model.eval().requires_grad_(False)
-    if not latest:
-        ckpts.clear()
-    ckpts.sweep()
-    with open(os.path.join(sdir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
-    log.info(f"stage {cfg.stage} ({C.STAGE_NAMES[cfg.stage]}): {len(train_items)} items (split {cfg.train_split!r}), "
-             f"from {init_model}; n={cfg.group_size}, {cfg.rollout_batch} prompts/step, lr {cfg.lr}, "
-             f"T={cfg.temperature}, max_new_tokens {cfg.max_new_tokens}")
-    trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=train_items, reward_fn=make_reward_fn(cfg),
-                          run_dir=sdir, init_model=init_model, log=log.info,
-                          metrics_log=_metrics_log(sdir, fresh=not latest))
-    if latest:
-        trainer.resume_from(latest)
-    t0 = time.perf_counter()
-    hist = trainer.train()
-    if hist:
-        r = [m["reward/overall"] for m in hist]
-        k = min(10, len(r))
-        log.info(f"stage {cfg.stage} done: {len(hist)} steps in {time.perf_counter() - t0:.0f}s; "
-                 f"reward/overall first {k} {sum(r[:k]) / k:.3f} -> last {k} {sum(r[-k:]) / k:.3f}; "
-                 f"accuracy last {k} {sum(m['accuracy'] for m in hist[-k:]) / k:.3f}")
-    path = ckpts.latest()
-    log.info(f"stage {cfg.stage} policy: {path}")
-    return path
-
-
-def run(cfg) -> str:
-    """Run one stage -> path of the policy it produced."""
-    t0 = time.perf_counter()
-    path = run_sft(cfg) if cfg.stage == 0 else run_grpo(cfg)
-    log.info(f"wall time {time.perf_counter() - t0:.0f}s")
-    return path
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -371,8 +113,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {exc}")
     from transformers.utils import logging as hf_logging
 
+    from pebr.distributed import init_world
+
     hf_logging.disable_progress_bar()  # transformers' save/load bars would break the training bar
-    run(cfg)
+    try:
+        world = init_world(device=cfg.device, backend=cfg.dist_backend)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    try:
+        stages.run(cfg, world)
+    except BaseException as exc:
+        if world.distributed and not isinstance(exc, SystemExit):
+            print(f"pebr.train: rank {world.rank} of {world.world_size} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        world.close()
     return 0
 
 

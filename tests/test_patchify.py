@@ -1,8 +1,19 @@
-"""engine.ops.patchify and engine.image on every backend runnable here, against transformers' image processor.
+"""engine.ops.patchify, engine.patch_geometry and engine.image on every backend runnable here.
 
-The processor (`Qwen2VLImageProcessorPil`, Pillow only: torchvision does not import beside the CPU
-torch) is the ground truth for pixel_values and image_grid_thw.
+Two truths: transformers' image processor (`Qwen2VLImageProcessorPil`, Pillow only: torchvision does
+not import beside the CPU torch), the layout the op promises to reproduce; and an fp64 truth written
+in tests/patch_truth.py (each patch cut out by explicit loops, normalized in float64), which bounds
+the backend AND `engine.reference.patchify`.
+
+Bound (fp32 output; `k x eps x scale`, scale = max |truth|, at least 1): a value is
+fl(fl(fl(x * rescale) - mean) / std) with mean and std rounded to fp32: five roundings of at most
+eps/2 each, relative to |x * rescale| <= 1, |mean| < 1 and |out|, divided by std >= 0.2 here: at most
+~6.2 eps absolute, while max |out| >= 1.8 in every test (some pixel is near 0 or 255): <= 3.4 eps x
+scale, k = 4 (measured <= 1.8, kernels and reference alike). A wrong mean (0.01 off) or a missing
+frame repeat is > 1e4x the bound.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,12 +21,19 @@ import torch
 import engine
 import engine.image as image
 import engine.ops as ops
-from engine import reference, vision
+from engine import patchify as patchify_module
+from engine import reference
+from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
+from tests.patch_truth import patches64
+from tests.tolerance import assert_matches_fp64
 
 Qwen2VLImageProcessorPil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl").Qwen2VLImageProcessorPil
 
-# (H, W): one merge block, non-square both ways, a bigger one
-SIZES = [(28, 28), (56, 84), (112, 56), (84, 140)]
+SIZES = [(28, 28), (56, 84), (112, 56), (84, 140)]  # one merge block, non-square both ways, a bigger one
+K_PATCHIFY = 4
+DEFAULT = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+# other settings everywhere at once: patch 7, Tp 3, merge 3, two channels, float images in [0, 1]
+OTHER = dict(patch_size=7, temporal_patch_size=3, merge_size=3, mean=(0.5, 0.3), std=(0.25, 0.2), rescale=1.0)
 
 
 def hf(images, **kw):
@@ -30,64 +48,91 @@ def rand_uint8(H, W, device="cpu", B=None):
     return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
 
 
+def check_fp64(backend, images, **kw):
+    """patchify on `backend` and engine.reference, both within the bound of the fp64 truth."""
+    with engine.backend(backend):
+        pv, thw = ops.patchify(images, **kw)
+    ref, ref_thw = reference.patchify(images, geometry=PatchGeometry(**kw))
+    truth = patches64(images, **{**DEFAULT, **kw})
+    assert pv.dtype == torch.float32 and thw.dtype == torch.int64
+    assert_matches_fp64("pixel_values", pv, truth, dtype=torch.float32, k=K_PATCHIFY, torch_out=ref)
+    assert thw.tolist() == ref_thw.tolist()
+    return pv, thw
+
+
+# ---- against the fp64 truth ----
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float"])
+def test_patchify_matches_fp64_default_settings(backend_name, device, kind):
+    # a batch, a single [C, H, W] and an odd size in one list: merge-block order across images
+    images = [rand_uint8(56, 84, device, B=2), rand_uint8(28, 28, device), rand_uint8(84, 28, device)]
+    if kind == "float":
+        images = [im.float() + torch.rand(im.shape, device=device) * 0.99 for im in images]  # in [0, 256), not integers
+    _, thw = check_fp64(backend_name, images)
+    assert thw.tolist() == [[1, 4, 6], [1, 4, 6], [1, 2, 2], [1, 6, 2]]
+
+
+def test_patchify_matches_fp64_other_settings(backend_name, device):
+    # every setting off its default at once: a kernel that hard-codes one of them fails here
+    images = [torch.rand(2, 21, 42, device=device), torch.rand(2, 2, 42, 21, device=device)]
+    pv, thw = check_fp64(backend_name, images, **OTHER)
+    assert pv.shape == (18 + 2 * 18, 2 * 3 * 7 * 7)  # a [C, 21, 42] image (3 x 6 patches) and a batch of two 42 x 21
+    assert thw.tolist() == [[1, 3, 6], [1, 6, 3], [1, 6, 3]]
+
+
+def test_patchify_one_patch(backend_name, device):
+    # merge_size 1 and a 14x14 image: exactly one patch
+    pv, thw = check_fp64(backend_name, rand_uint8(14, 14, device), merge_size=1)
+    assert pv.shape == (1, 3 * 2 * 14 * 14) and thw.tolist() == [[1, 1, 1]]
+
+
+def test_patchify_empty_batch(backend_name, device):
+    pv, thw = check_fp64(backend_name, rand_uint8(28, 56, device, B=0))
+    assert pv.shape == (0, 3 * 2 * 14 * 14) and thw.shape == (0, 3)
+
+
+def test_patchify_catches_wrong_mean_and_missing_frame_repeat(backend_name, device):
+    """What this file's fp64 truth guards against, each channel with its own mean and std: a reference
+    (or kernel) that swaps or drops a channel's mean, or writes one frame instead of Tp, fails the bound.
+    Kept as its own test so that a mutation of engine.reference.patchify is caught by name."""
+    kw = dict(mean=(0.1, 0.5, 0.9), std=(0.3, 0.2, 0.25), temporal_patch_size=2)
+    pv, _ = check_fp64(backend_name, rand_uint8(28, 56, device), **kw)
+    frames = pv.view(-1, 3, 2, 14 * 14)
+    assert torch.equal(frames[:, :, 0], frames[:, :, 1]), "the Tp frames of a still image are one frame repeated"
+
+
+def test_patchify_non_contiguous_image(backend_name, device):
+    hwc = rand_uint8(56, 84, device).permute(1, 2, 0).contiguous()
+    chw = hwc.permute(2, 0, 1)  # a view, not contiguous
+    check_fp64(backend_name, chw)
+
+
+# ---- against the image processor (the layout promised) ----
+
+
 @pytest.mark.parametrize("size", SIZES, ids=str)
 def test_patchify_uint8_matches_processor(backend_name, device, size):
     img = rand_uint8(*size, device)
     with engine.backend(backend_name):
         pv, thw = ops.patchify(img)
     ref_pv, ref_thw = hf([img.cpu()], do_resize=False)
-    assert pv.dtype == torch.float32 and thw.dtype == torch.int64
-    assert pv.shape == ref_pv.shape
+    # the processor computes in the same fp32 steps: equal up to the last bit or two
     torch.testing.assert_close(pv.cpu(), ref_pv, atol=1e-6, rtol=0)
     assert thw.cpu().tolist() == ref_thw.tolist()
 
 
-@pytest.mark.parametrize("size", [(28, 28), (56, 84)], ids=str)
-def test_patchify_float_matches_processor(backend_name, device, size):
-    # float pixels in [0, 255] (not integers): the processor rescales and normalizes them the same way
-    img = (torch.rand(3, *size) * 255).to(device)
-    with engine.backend(backend_name):
-        pv, thw = ops.patchify(img)
-    ref_pv, ref_thw = hf([img.cpu()], do_resize=False)
-    torch.testing.assert_close(pv.cpu(), ref_pv, atol=1e-6, rtol=0)
-    assert thw.cpu().tolist() == ref_thw.tolist()
-
-
-def test_patchify_list_and_batch_match_processor(backend_name, device):
-    imgs = [rand_uint8(56, 84, device), rand_uint8(28, 56, device), rand_uint8(84, 28, device)]
+def test_patchify_float_and_lists_match_processor(backend_name, device):
+    imgs = [(torch.rand(3, 56, 84) * 255).to(device), rand_uint8(28, 56, device)]
     batch = rand_uint8(56, 56, device, B=2)
     with engine.backend(backend_name):
-        pv, thw = ops.patchify(imgs)
-        pv_b, thw_b = ops.patchify(batch)
-        pv_mix, thw_mix = ops.patchify([batch, imgs[0]])  # a [B, C, H, W] entry in a list
-    ref_pv, ref_thw = hf([im.cpu() for im in imgs], do_resize=False)
+        pv, thw = ops.patchify([batch, *imgs])  # a [B, C, H, W] entry in a list, then [C, H, W] ones
+    ref_pv, ref_thw = hf([*batch.cpu(), *(im.cpu() for im in imgs)], do_resize=False)
     torch.testing.assert_close(pv.cpu(), ref_pv, atol=1e-6, rtol=0)
-    assert thw.cpu().tolist() == ref_thw.tolist()
-    ref_b, ref_thw_b = hf(list(batch.cpu()), do_resize=False)
-    torch.testing.assert_close(pv_b.cpu(), ref_b, atol=1e-6, rtol=0)
-    assert thw_b.cpu().tolist() == ref_thw_b.tolist() == [[1, 4, 4], [1, 4, 4]]
-    torch.testing.assert_close(pv_mix.cpu(), torch.cat([ref_b, hf([imgs[0].cpu()], do_resize=False)[0]]), atol=1e-6, rtol=0)
-    assert thw_mix.shape == (3, 3)
+    assert thw.cpu().tolist() == ref_thw.tolist() == [[1, 4, 4], [1, 4, 4], [1, 4, 6], [1, 2, 4]]
 
 
-def test_patchify_custom_normalization_and_sizes(backend_name, device):
-    # other keywords: patch 7, merge 3, Tp 3, per-channel mean/std, rescale 1 (float images in [0, 1])
-    kw = dict(patch_size=7, temporal_patch_size=3, merge_size=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25), rescale=1.0)
-    img = torch.rand(3, 42, 63, device=device)
-    with engine.backend(backend_name):
-        pv, thw = ops.patchify(img, **kw)
-    ref_pv, ref_thw = reference.patchify(img, **kw)
-    assert pv.shape == (6 * 9, 3 * 3 * 7 * 7)
-    torch.testing.assert_close(pv, ref_pv, atol=1e-6, rtol=0)
-    assert thw.tolist() == ref_thw.tolist() == [[1, 6, 9]]
-
-
-def test_patchify_non_contiguous_image(backend_name, device):
-    hwc = rand_uint8(56, 84, device).permute(1, 2, 0).contiguous()
-    chw = hwc.permute(2, 0, 1)  # a view, not contiguous
-    with engine.backend(backend_name):
-        pv, _ = ops.patchify(chw)
-    torch.testing.assert_close(pv.cpu(), hf([chw.contiguous().cpu()], do_resize=False)[0], atol=1e-6, rtol=0)
+# ---- bad input ----
 
 
 @pytest.mark.parametrize(
@@ -100,6 +145,7 @@ def test_patchify_non_contiguous_image(backend_name, device):
         (lambda d: torch.randint(0, 255, (3, 28, 28), dtype=torch.int32, device=d), "images must have dtype"),
         (lambda d: torch.zeros(28, 28, dtype=torch.uint8, device=d), "images must be \\[C, H, W\\]"),
         (lambda d: [rand_uint8(28, 28, d), rand_uint8(28, 14, d)], "images\\[1\\].*smaller"),
+        (lambda d: [rand_uint8(28, 28, d), rand_uint8(28, 28, "meta")], "images\\[1\\] is on meta"),
         (lambda d: [], "images must hold at least one image"),
         (lambda d: np.zeros((3, 28, 28), np.uint8), "images must be a torch.Tensor"),
     ],
@@ -109,24 +155,53 @@ def test_patchify_bad_input(backend_name, device, bad, match):
         ops.patchify(bad(device))
 
 
-def test_patchify_bad_keywords(device):
-    img = rand_uint8(28, 28, device)
-    with pytest.raises(ValueError, match="mean must have one value per channel"):
-        ops.patchify(img, mean=(0.5, 0.5))
-    with pytest.raises(ValueError, match="std must have 3 nonzero"):
-        ops.patchify(img, std=(0.2, 0.0, 0.2))
-    with pytest.raises(ValueError, match="images must have 2 channels"):
-        ops.patchify(img, mean=(0.5, 0.5), std=(0.2, 0.2))
-    with pytest.raises(ValueError, match="temporal_patch_size"):
-        ops.patchify(img, temporal_patch_size=0)
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(mean=(0.5, 0.5)), "mean must have one value per channel"),
+        (dict(std=(0.2, 0.0, 0.2)), "std must have 3 nonzero"),
+        (dict(std=(0.2, float("nan"), 0.2)), "std must have 3 nonzero"),
+        (dict(mean=(0.5, 0.5), std=(0.2, 0.2)), "images must have 2 channels"),
+        (dict(temporal_patch_size=0), "temporal_patch_size must be a positive int"),
+        (dict(patch_size=0), "patch_size must be a positive int"),
+        (dict(merge_size=2.0), "merge_size must be a positive int"),
+        (dict(rescale=float("inf")), "rescale must be finite"),
+    ],
+)
+def test_patchify_bad_settings(device, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ops.patchify(rand_uint8(28, 28, device), **kw)
+
+
+def test_patch_geometry_is_one_frozen_value():
+    g = PatchGeometry(mean=[0.5, 0.5, 0.5], std=np.array([0.5, 0.5, 0.5]))
+    assert g.mean == (0.5, 0.5, 0.5) and isinstance(g.std, tuple) and hash(g) == hash(PatchGeometry(mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert (g.channels, g.block, g.features) == (3, 28, 3 * 2 * 14 * 14)
+    assert set(g.keywords()) == {"patch_size", "temporal_patch_size", "merge_size", "mean", "std", "rescale"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.patch_size = 16
+
+
+def test_patchify_kernel_checks_its_arguments(device):
+    # the C++ kernel is callable without the Python front: it checks its own arguments
+    if "cpp" not in engine.available_backends(device.type) or device.type != "cpu":
+        pytest.skip("needs the cpp backend on CPU")
+    mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+    img = torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="temporal_patch_size must be positive"):
+        torch.ops.engine.patchify_fwd([img], 14, 0, 2, mean, std, 1 / 255)
+    with pytest.raises(ValueError, match="images\\[0\\] height and width"):
+        torch.ops.engine.patchify_fwd([img[..., :14]], 14, 2, 2, mean, std, 1 / 255)
+    with pytest.raises(ValueError, match="std must be finite and nonzero"):
+        torch.ops.engine.patchify_fwd([img], 14, 2, 2, mean, [0.2, 0.0, 0.2], 1 / 255)
 
 
 def test_patchify_opcheck(backend_name, device):
     if backend_name == "torch":
         pytest.skip("the torch backend is the reference, not a custom op")
     imgs = [rand_uint8(56, 28, device, B=1), (torch.rand(1, 3, 28, 56, device=device) * 255)]
-    args = (imgs, 14, 2, 2, list(reference.OPENAI_CLIP_MEAN), list(reference.OPENAI_CLIP_STD), 1 / 255, backend_name)
-    torch.library.opcheck(vision.patchify_op, args)
+    args = (imgs, 14, 2, 2, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), 1 / 255, backend_name)
+    torch.library.opcheck(patchify_module.patchify_op, args)
 
 
 # ---- engine.image: the front door (resize like the processor, then patchify) ----
@@ -135,8 +210,7 @@ def test_patchify_opcheck(backend_name, device):
 def test_smart_resize_matches_transformers():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-    gen = torch.Generator().manual_seed(0)
-    sizes = torch.randint(1, 4000, (500, 2), generator=gen).tolist() + [[28, 28], [1, 150], [3000, 3000], [14, 42], [42, 14]]
+    sizes = torch.randint(1, 4000, (500, 2)).tolist() + [[28, 28], [1, 150], [3000, 3000], [14, 42], [42, 14]]
     for h, w in sizes:
         if max(h, w) / min(h, w) > 200:
             continue
@@ -147,6 +221,8 @@ def test_smart_resize_matches_transformers():
 
 
 def test_image_front_door_matches_processor_with_resize():
+    import io
+
     from PIL import Image
 
     rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
@@ -158,8 +234,6 @@ def test_image_front_door_matches_processor_with_resize():
     assert thw.tolist() == out["image_grid_thw"].tolist()
     assert image.num_image_tokens(thw) == [int(t * h * w) // 4 for t, h, w in thw.tolist()]
     # the same through an array, a CHW tensor and encoded bytes
-    import io
-
     buf = io.BytesIO()
     pils[0].save(buf, format="PNG")
     arr = np.array(pils[0])
@@ -169,15 +243,7 @@ def test_image_front_door_matches_processor_with_resize():
         torch.testing.assert_close(t, image.load_image(pils[0], **kw), atol=0, rtol=0)
 
 
-def test_image_embed_images_is_fused_patchify_embed():
-    from PIL import Image
-
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
-    pils = [Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)), Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))]
-    weight, bias = torch.randn(16, 3, 2, 14, 14) * 0.02, torch.randn(16)
-    emb, thw = image.embed_images(pils, weight, bias)
-    pv, thw2 = image.patchify_images(pils)
-    torch.testing.assert_close(emb, reference.patch_embed(pv, weight, bias), atol=2e-5, rtol=1e-5)
-    assert thw.tolist() == thw2.tolist()
-    with pytest.raises(ValueError, match="image must be"):
-        image.load_image(3.5)
+def test_image_front_door_checks_settings_first():
+    # a bad setting is reported before any image is decoded or resized
+    with pytest.raises(ValueError, match="std must have 3 nonzero"):
+        image.patchify_images([b"not an image"], std=(0.0, 1.0, 1.0))

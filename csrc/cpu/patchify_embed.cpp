@@ -79,7 +79,7 @@ void gather_chunk(const Tensor& image, const Chunk& ch, const ImageSet& s, const
   });
 }
 
-// fold_weight (vision_common.h) in one pass over the weight: the ATen version's dozen small strided
+// fold_weight (patch_common.h) in one pass over the weight: the ATen version's dozen small strided
 // ops cost ~3 ms at D = 1280, a fifth of the bf16 GEMM.
 Tensor fold_weight_cpu(const Tensor& weight_in, const c10::optional<Tensor>& bias_in, const Norm& n, int64_t Kpad) {
   const Tensor weight = weight_in.contiguous();
