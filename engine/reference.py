@@ -1,7 +1,7 @@
 """Plain PyTorch references of every op: readable, differentiable by autograd, the `torch` backend.
 
 Tests and benchmarks import these; kernels are checked against them (and against fp64
-evaluations of the same formulas). Shapes and semantics: `../shared/DESIGN.md` section 1.
+evaluations written independently in the tests). Shapes and semantics: `docs/ops.md`.
 """
 from __future__ import annotations
 

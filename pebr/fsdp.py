@@ -48,14 +48,18 @@ def shard_model(model: nn.Module, *, mixed_bf16: bool = False, cpu_offload: bool
 
     mixed_bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): compute in bf16, reduce
     gradients in fp32, keep fp32 master weights. cpu_offload: CPUOffloadPolicy (sharded parameters,
-    gradients and optimizer states live on the CPU; the optimizer step runs there).
+    gradients and optimizer states live on the CPU; the optimizer step runs there); a no-op for a
+    model that is on the CPU already.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kw: dict[str, Any] = {}
     if mixed_bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kw["offload_policy"] = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Offloading moves GPU shards to pinned CPU memory; on a CPU run they are there already (and
+    # pinning needs an accelerator), so it is skipped.
+    offload = cpu_offload and torch.cuda.is_available() and next(model.parameters()).device.type == "cuda"
+    kw["offload_policy"] = CPUOffloadPolicy() if offload else OffloadPolicy()
     for block in shardable_blocks(model):
         fully_shard(block, **kw)
     runner = Runner(model)

@@ -59,7 +59,11 @@ def latest_policy_path(cfg, stage: int) -> str | None:
     return Checkpointer(root).latest() if os.path.isdir(root) else None
 
 
-def _dtype(cfg) -> torch.dtype:
+def _dtype(cfg, world: World | None = None) -> torch.dtype:
+    """The dtype parameters are loaded in. Sharded (FSDP2) runs keep fp32 master weights and
+    compute in bf16 through MixedPrecisionPolicy when --dtype bfloat16 (pebr.fsdp.shard_model)."""
+    if world is not None and world.distributed:
+        return torch.float32
     return getattr(torch, cfg.dtype)
 
 
@@ -135,12 +139,12 @@ def run_sft(cfg, world: World | None = None) -> str:
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
     _seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
     if latest:
-        policy = load_policy(latest, dtype=_dtype(cfg), device=cfg.device)
+        policy = load_policy(latest, dtype=_dtype(cfg, world), device=world.device)
     elif cfg.model:
-        policy = load_policy(cfg.model, dtype=_dtype(cfg), device=cfg.device)
+        policy = load_policy(cfg.model, dtype=_dtype(cfg, world), device=world.device)
     else:
         policy = build_tiny_policy(seed=cfg.seed)
-        policy.model.to(device=world.device, dtype=_dtype(cfg))
+        policy.model.to(device=world.device, dtype=_dtype(cfg, world))
     _seed_all(cfg.seed, world.rank)
     if world.is_main:
         if not latest:
@@ -269,10 +273,10 @@ def run_grpo(cfg, world: World | None = None) -> str:
     splits = ensure_sampling(cfg, init_model, items, world)
     train_items = select_split(cfg, items, splits)
     _seed_all(cfg.seed, world.rank)
-    policy = load_policy(latest or init_model, dtype=_dtype(cfg), device=world.device)
+    policy = load_policy(latest or init_model, dtype=_dtype(cfg, world), device=world.device)
     reference = None
     if cfg.kl_coef > 0:  # the frozen starting policy of this stage
-        reference = load_policy(init_model, dtype=_dtype(cfg), device=world.device)
+        reference = load_policy(init_model, dtype=_dtype(cfg, world), device=world.device)
         reference.model.eval().requires_grad_(False)
     if world.is_main:
         if not latest:

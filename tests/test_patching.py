@@ -223,7 +223,7 @@ def test_patched_module_matches_conv3d_in_each_dtype(device, dtype):
         want = pe(x)
         patching.patch_model(torch.nn.ModuleDict({"patch_embed": pe}))
         got = pe(x)
-    xd, w = x.to(dtype).double(), pe.proj.weight.double().reshape(40, -1)
+    xd, w = x.to(dtype).double(), pe.proj.weight.detach().double().reshape(40, -1)
     ref64 = torch.nn.functional.linear(xd, w)  # fp64 truth from the same (rounded) inputs
     assert got.dtype == want.dtype == dtype and got.shape == want.shape == (8, 40)
     # a dot product of K = 1176 terms: its rounding is relative to sum |x| |w| (the conditioning),

@@ -1,0 +1,95 @@
+"""Per-GPU memory of the model states under FSDP2, computed from parameter counts (not measured).
+
+    python -m pebr.memory            # the README's table: Qwen2.5-VL-3B and -7B, 8 GPUs
+
+Parameter counts come from building each model on the meta device from its published
+architecture (hidden sizes, depths, vocabulary), so no weights are downloaded or allocated.
+What is counted, per GPU, with W GPUs and P parameters (fp32 master weights, bf16 compute):
+- policy shards: fp32 weights + fp32 gradients + AdamW's two fp32 moments = 16 P / W bytes;
+- reference shards: fp32 weights = 4 P / W (no gradients, no optimizer);
+- rollout: the whole policy gathered in bf16 for generation = 2 P (pebr.fsdp.gathered);
+- with --cpu-offload the shards live in CPU memory: only the gathered copy stays on the GPU.
+Activations are given apart, per 1,000 tokens of a micro-batch, with the usual estimate of a
+transformer layer's saved activations in bf16 (about 34 H bytes per token per layer, Korthikanti
+et al. 2022, attention by a fused kernel so no s^2 term), and 2 H bytes (the layer's input) with
+--gradient-checkpointing plus one layer recomputed at a time. The KV cache of the rollout and the
+LM-head logits chunk come on top.
+"""
+from __future__ import annotations
+
+import argparse
+
+# The published architectures (config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct).
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+               spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+ARCHS = {
+    "Qwen2.5-VL-3B": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                                    num_key_value_heads=2, vocab_size=151936), tie=True),
+    "Qwen2.5-VL-7B": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                    num_key_value_heads=4, vocab_size=152064), tie=False),
+}
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of architecture `name`, counted on the meta device."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    arch = ARCHS[name]
+    head_dim = arch["text"]["hidden_size"] // arch["text"]["num_attention_heads"]
+    half = head_dim // 2
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(arch["text"], rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+                         tie_word_embeddings=arch["tie"]),
+        vision_config=dict(_VISION, out_hidden_size=arch["text"]["hidden_size"]),
+        tie_word_embeddings=arch["tie"],
+    )
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
+
+
+def per_gpu_gib(params: int, world: int, *, offload: bool) -> dict[str, float]:
+    """GiB per GPU of each part, and the total (see the module docstring for what is counted)."""
+    gib = 2**30
+    parts = {
+        "policy shards": 0.0 if offload else 16 * params / world / gib,
+        "reference shards": 0.0 if offload else 4 * params / world / gib,
+        "rollout (gathered bf16)": 2 * params / gib,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def activations_gib_per_1k_tokens(name: str, *, checkpointing: bool) -> float:
+    """Saved activations of the language model per 1,000 tokens (see the module docstring)."""
+    t = ARCHS[name]["text"]
+    H, layers = t["hidden_size"], t["num_hidden_layers"]
+    per_token = (2 * H * layers + 34 * H) if checkpointing else 34 * H * layers
+    return 1000 * per_token / 2**30
+
+
+def table(world: int = 8) -> str:
+    rows = ["| model | parameters | GPUs | offload | policy shards | reference | gathered for rollout | states total | "
+            "activations / 1k tokens (no ckpt / ckpt) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in ARCHS:
+        P = parameter_count(name)
+        act = [activations_gib_per_1k_tokens(name, checkpointing=c) for c in (False, True)]
+        for offload in (False, True):
+            g = per_gpu_gib(P, world, offload=offload)
+            rows.append(f"| {name} | {P / 1e9:.2f} B | {world} | {'yes' if offload else 'no'} | {g['policy shards']:.1f} | "
+                        f"{g['reference shards']:.1f} | {g['rollout (gathered bf16)']:.1f} | {g['total']:.1f} | "
+                        f"{act[0]:.2f} / {act[1]:.2f} |")
+    return "GiB per GPU, computed from parameter counts (not measured):\n\n" + "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pebr.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the states are sharded over (default: 8, the paper's)")
+    print(table(p.parse_args(argv).gpus))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
