@@ -65,18 +65,17 @@ class World:
 
     def sum(self, values) -> torch.Tensor:
         """Elementwise sum over ranks of a list of floats (or a float tensor) -> fp64 CPU tensor."""
-        t = torch.as_tensor(values, dtype=torch.float64).clone()
-        if self.distributed:
-            t = t.to(self._comm_device())
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.cpu()
+        return self._all_reduce(values, "SUM")
 
     def max(self, values) -> torch.Tensor:
         """Elementwise max over ranks -> fp64 CPU tensor."""
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values, op: str) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=torch.float64).clone()
         if self.distributed:
             t = t.to(self._comm_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.cpu()
 
     def gather_objects(self, obj) -> list:
