@@ -48,6 +48,9 @@ def test_fast_kernels_train_like_the_reference(tmp_path):
         for k in ("loss", "kl", "entropy", "grad_norm", "clipfrac_high", "clipfrac_low"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), f"step {step} {k}: {a[k]} vs {b[k]}"
     for name, w in ref_w.items():
-        # 6 AdamW updates of about lr = 1e-4 each; the two runs' gradients differ by fp32 rounding
+        # 6 AdamW updates of about lr = 1e-4 each. The two runs' gradients differ by fp32 rounding,
+        # which moves a step by far less than lr except where a gradient is near AdamW's eps (rarely
+        # seen embedding rows), where g / (sqrt(v) + eps) is ill-conditioned: 5% of lr bounds that
+        # (measured: 1.1e-6); a wrong kernel moves weights by a good fraction of lr per step.
         err = float((w - fast_w[name]).abs().max())
-        assert err <= 1e-6, f"{name}: weights differ by {err:.2e} after 3 steps"
+        assert err <= 5e-6, f"{name}: weights differ by {err:.2e} after 3 steps"

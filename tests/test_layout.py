@@ -3,6 +3,7 @@
 docs/adding-an-op.md lists these files; this test keeps the list true.
 """
 import os
+import re
 
 import pytest
 
@@ -40,9 +41,12 @@ def test_kernel_table_points_at_existing_modules():
 
 
 def test_triton_kernels_do_not_import_engine():
+    # an import statement of `engine` (or a submodule); comments that say why not are fine
+    imports_engine = re.compile(r"^\s*(from\s+engine(\.|\s)|import\s+engine(\.|\s|$))", re.M)
     folder = os.path.join(ROOT, "triton_kernels")
     for name in sorted(os.listdir(folder)):
         if name.endswith(".py"):
             with open(os.path.join(folder, name)) as f:
                 text = f.read()
-            assert "from engine" not in text and "import engine" not in text, f"triton_kernels/{name} imports engine"
+            assert not imports_engine.search(text), f"triton_kernels/{name} imports engine"
+    assert imports_engine.search("from engine import _triton\n") and imports_engine.search("    import engine.ops\n")
