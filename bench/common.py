@@ -95,3 +95,25 @@ def machine_floors(device_type: str) -> dict:
         t = _median_time(lambda: a @ a, device)
         floors[f"{str(dtype).replace('torch.', '')}_matmul_TFLOPs"] = 2 * n**3 / t / 1e12
     return floors
+
+
+# ---- the patch ops' workload (test_bench_patch_embed.py, test_bench_patchify_embed.py,
+# test_bench_patchify.py): Qwen2.5-VL's vision PatchEmbed on 8 uint8 images of 448x448 ----
+VISION_B, VISION_H, VISION_W, VISION_D = 8, 448, 448, 1280  # images, height, width, embedding width
+VISION_C, VISION_TP, VISION_P = 3, 2, 14  # channels, temporal patch, patch
+VISION_K = VISION_C * VISION_TP * VISION_P * VISION_P  # features of a patch (1176)
+VISION_N = VISION_B * (VISION_H // VISION_P) * (VISION_W // VISION_P)  # patches (8192)
+VISION_FLOPS = 2 * VISION_N * VISION_K * VISION_D  # the Conv3d as one GEMM
+VISION_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def vision_images(device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B, C, H, W] random pixels on `device`, drawn from `gen`."""
+    shape = (VISION_B, VISION_C, VISION_H, VISION_W)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
+
+
+def vision_weight(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A PatchEmbed weight [D, C, Tp, P, P] (std 0.02) on `device`, drawn from `gen`."""
+    w = torch.randn(VISION_D, VISION_C, VISION_TP, VISION_P, VISION_P, generator=gen) * 0.02
+    return w.to(device=device, dtype=dtype)

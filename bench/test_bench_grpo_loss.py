@@ -2,6 +2,9 @@
 backend against autograd through the reference, and the forward alone. Contract: docs/ops.md#grpo_loss.
 
 Bytes the op must move: read logp, old_logp, ref_logp, advantages, mask once; write dlogp once.
+On CPU each group's name says which path of the C++ kernel ran (csrc/cpu/grpo_loss.cpp: avx512,
+avx2, default or scalar; ENGINE_GRPO_CPU=avx2 or ATEN_CPU_CAPABILITY=avx2 times the AVX2 build on an
+AVX-512 machine).
 Run: pytest bench/test_bench_grpo_loss.py --benchmark-only
 """
 import pytest
@@ -28,6 +31,13 @@ def _bytes(logp, adv, mask, old, ref, *, backward):
     return moved + (logp.numel() * logp.element_size() if backward else 0)
 
 
+def _cpu_path(device) -> str:
+    """", C++ CPU path <name>" on CPU where the cpp backend is built, else ""."""
+    if device.type != "cpu" or "cpp" not in engine.available_backends("cpu"):
+        return ""
+    return f", C++ CPU path {torch.ops.engine.grpo_loss_cpu_path()}"
+
+
 @pytest.mark.parametrize("B,T", SHAPES, ids=lambda v: str(v))
 def test_grpo_loss_fwd_bwd(benchmark, record, bench_backend, device, B, T):
     logp, adv, mask, old, ref = _inputs(B, T, device)
@@ -42,7 +52,7 @@ def test_grpo_loss_fwd_bwd(benchmark, record, bench_backend, device, B, T):
     with engine.backend(bench_backend):
         # many single-call rounds: the median then ignores calls stalled by other processes on the cores
         benchmark.pedantic(step, rounds=100 if B <= 64 else 10, iterations=1, warmup_rounds=1)
-    record(benchmark, group=f"grpo_loss fwd+bwd B={B} T={T} float32", backend=bench_backend,
+    record(benchmark, group=f"grpo_loss fwd+bwd B={B} T={T} float32{_cpu_path(device)}", backend=bench_backend,
            bytes=_bytes(logp, adv, mask, old, ref, backward=True))
 
 
@@ -55,5 +65,5 @@ def test_grpo_loss_fwd(benchmark, record, bench_backend, device, B, T):
 
     with engine.backend(bench_backend):
         benchmark.pedantic(fwd, rounds=100, iterations=1, warmup_rounds=1)
-    record(benchmark, group=f"grpo_loss fwd B={B} T={T} float32", backend=bench_backend,
+    record(benchmark, group=f"grpo_loss fwd B={B} T={T} float32{_cpu_path(device)}", backend=bench_backend,
            bytes=_bytes(logp, adv, mask, old, ref, backward=False))

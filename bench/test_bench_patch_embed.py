@@ -10,21 +10,15 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.common import sync
-
-B, H, W, D = 8, 448, 448, 1280
-C, TP, P = 3, 2, 14
-K = C * TP * P * P
-N = B * (H // P) * (W // P)
-FLOPS = 2 * N * K * D
-DTYPES = [torch.float32, torch.bfloat16]
+from bench.common import sync, vision_weight
+from bench.common import VISION_D as D, VISION_DTYPES as DTYPES, VISION_FLOPS as FLOPS, VISION_K as K, VISION_N as N
 
 
 def inputs(device, dtype):
     """(pixel_values [N, K], weight [D, C, Tp, P, P], grad [N, D]) on `device`, requiring grad."""
     gen = torch.Generator().manual_seed(0)
     pv = torch.randn(N, K, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(D, C, TP, P, P, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+    weight = vision_weight(device, dtype, gen).requires_grad_()
     grad = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
     return pv, weight, grad
 

@@ -12,19 +12,16 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.common import sync
+from bench.common import sync, vision_images
+from bench.common import VISION_B as B, VISION_C as C, VISION_H as H, VISION_K as K, VISION_N as N
+from bench.common import VISION_W as W
 
-B, H, W = 8, 448, 448
-C, TP, P = 3, 2, 14
-K = C * TP * P * P
-N = B * (H // P) * (W // P)
 BYTES = B * C * H * W + N * K * 4
 GROUP = f"patchify {B}x{C}x{H}x{W} uint8 -> [{N}, {K}] fp32"
 
 
 def images_on(device):
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, generator=gen).to(device)
+    return vision_images(device, torch.Generator().manual_seed(0))
 
 
 def test_bench_patchify(benchmark, record, bench_backend, device):

@@ -15,23 +15,17 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.common import sync
+from bench.common import sync, vision_images, vision_weight
+from bench.common import VISION_B as B, VISION_C as C, VISION_D as D, VISION_DTYPES as DTYPES
+from bench.common import VISION_FLOPS as FLOPS, VISION_H as H, VISION_K as K, VISION_N as N
+from bench.common import VISION_P as P, VISION_TP as TP, VISION_W as W
 from engine import reference
-
-B, H, W, D = 8, 448, 448, 1280
-C, TP, P = 3, 2, 14
-K = C * TP * P * P
-N = B * (H // P) * (W // P)
-FLOPS = 2 * N * K * D
-DTYPES = [torch.float32, torch.bfloat16]
 
 
 def inputs(device, dtype):
     """(images [B, C, H, W] uint8, weight [D, C, Tp, P, P]) on `device`."""
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, generator=gen).to(device)
-    weight = (torch.randn(D, C, TP, P, P, generator=gen) * 0.02).to(device=device, dtype=dtype)
-    return images, weight
+    return vision_images(device, gen), vision_weight(device, dtype, gen)
 
 
 def _record(record, benchmark, dtype, backend):

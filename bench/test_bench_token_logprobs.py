@@ -26,6 +26,18 @@ def _inputs(device, dtype):
     return logits, ids
 
 
+def _cases(test):
+    """Both benchmarks' cases: fp32 and bf16, logp alone or with entropy (entropy in fp32 only)."""
+    test = pytest.mark.parametrize("return_entropy", [False, True], ids=["logp", "logp+entropy"])(test)
+    return pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)(test)
+
+
+def _case_inputs(device, dtype, return_entropy):
+    if dtype != torch.float32 and return_entropy:
+        pytest.skip("entropy is benchmarked in fp32")
+    return _inputs(device, dtype)
+
+
 def _plain(logits, ids):
     """The expression every RL trainer writes: materializes log_softmax in fp32."""
     return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, None]).squeeze(-1)
@@ -45,12 +57,9 @@ def _forward(backend, return_entropy):
     return lambda logits, ids: ops.token_logprobs(logits, ids, return_entropy=return_entropy)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("return_entropy", [False, True], ids=["logp", "logp+entropy"])
+@_cases
 def test_token_logprobs_fwd(benchmark, record, bench_backend, device, dtype, return_entropy):
-    if dtype != torch.float32 and return_entropy:
-        pytest.skip("entropy is benchmarked in fp32")
-    logits, ids = _inputs(device, dtype)
+    logits, ids = _case_inputs(device, dtype, return_entropy)
     fwd = _forward(bench_backend, return_entropy)
     with engine.backend(bench_backend), torch.no_grad():
         benchmark.pedantic(lambda: fwd(logits, ids), rounds=7, warmup_rounds=1)
@@ -59,12 +68,9 @@ def test_token_logprobs_fwd(benchmark, record, bench_backend, device, dtype, ret
            bytes=logits.numel() * logits.element_size(), dtype=str(dtype)[6:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("return_entropy", [False, True], ids=["logp", "logp+entropy"])
+@_cases
 def test_token_logprobs_fwd_bwd(benchmark, record, bench_backend, device, dtype, return_entropy):
-    if dtype != torch.float32 and return_entropy:
-        pytest.skip("entropy is benchmarked in fp32")
-    logits, ids = _inputs(device, dtype)
+    logits, ids = _case_inputs(device, dtype, return_entropy)
     x = logits.clone().requires_grad_()
     g = torch.randn(N, device=device)
     fwd = _forward(bench_backend, return_entropy)

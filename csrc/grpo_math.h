@@ -4,8 +4,9 @@
 //   2. the argument checks, so both backends accept and reject exactly the same inputs,
 //   3. the per-token math of grpo_loss (policy-gradient terms, the KL variants, their derivatives)
 //      as inline host/device functions: csrc/cpu/grpo_loss.cpp's scalar path and
-//      csrc/cuda/grpo_loss.cu call the same code. (The AVX-512 path of the C++ kernel restates the
-//      formulas 16 lanes at a time; its tests compare it with fp64 like every other path.)
+//      csrc/cuda/grpo_loss.cu call the same code,
+//   4. the same per-token math for at::vec::Vectorized<float> (host only), which the C++ kernel's
+//      vector builds (csrc/cpu/grpo_loss_kernel.h: AVX-512, AVX2, NEON/SVE or plain C++) call.
 // Semantics: docs/ops.md#grpo_loss and docs/ops.md#group_advantages.
 #pragma once
 
@@ -18,6 +19,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #if defined(__CUDACC__)
@@ -213,5 +215,118 @@ GRPO_HD float token_grad(float lp, float old, float ref, float a, const Params& 
   if (p.has_ref) g = g + p.kl_coef * kl_grad(lp, ref, p.kl_type);
   return g;
 }
+
+// ---------------------------------------------------------------- 4. the same math, Vec::size() tokens at a time (host)
+// token_terms / token_grad / kl_value / kl_grad for at::vec::Vectorized<float>, whichever build of
+// it the caller compiles (AVX-512, AVX2, NEON/SVE, or the plain C++ one): csrc/cpu/grpo_loss_kernel.h
+// instantiates them once per CPU capability. Each mirrors its scalar twin above statement by
+// statement (change them together; tests/test_grpo_loss.py compares every build with fp64 and with
+// the scalar functions). Comparisons give all-ones lanes, Vec::blendv(a, b, c) is c ? b : a, and
+// `c & one` turns a comparison into the 1.f / 0.f of the scalar code. One difference:
+// at::vec::minimum/maximum/clamp propagate NaN (as the PyTorch reference does), unlike fminf/fmaxf.
+// The vec header's width is the including file's: a per-ISA build defines CPU_CAPABILITY (and its
+// `#pragma GCC target`) before including anything.
+#if !defined(__CUDACC__)
+}  // namespace engine_grpo
+#include <ATen/cpu/vec/vec.h>
+namespace engine_grpo {
+
+// e^x for x in [-87, 88] (the callers clamp to [-20, 20]) to about 1 ulp; NaN stays NaN.
+// AVX2 / AVX-512 builds: inline, as Vec::exp() calls libtorch's Sleef out of line there, spilling
+// every live vector (the kernel ran 1.7x slower): x = n ln2 + r with |r| <= ln2/2 (ln2 split in two
+// for an exact n ln2), Cephes' expf polynomial for e^r, and 2^n written into the exponent bits.
+// Other builds: Vec::exp() (Sleef's NEON/SVE expf where ATen has it, else std::exp per lane; the
+// generic Vectorized has no vector round or int conversion to build the inline one from).
+template <typename Vec>
+inline Vec exp_vec(const Vec& x) {
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  return x.exp();
+#else
+  using at::vec::fmadd;
+  const Vec n = (x * Vec(1.44269504088896341f)).round();
+  Vec r = fmadd(n, Vec(-0.693359375f), x);
+  r = fmadd(n, Vec(2.12194440e-4f), r);
+  Vec y(1.9875691500e-4f);
+  y = fmadd(y, r, Vec(1.3981999507e-3f));
+  y = fmadd(y, r, Vec(8.3334519073e-3f));
+  y = fmadd(y, r, Vec(4.1665795894e-2f));
+  y = fmadd(y, r, Vec(1.6666665459e-1f));
+  y = fmadd(y, r, Vec(5.0000001201e-1f));
+  y = fmadd(y, r * r, r + Vec(1.f));
+  const auto ni = at::vec::convert_to_int_of_same_size(n);
+  using IVec = std::decay_t<decltype(ni)>;
+  return y * at::vec::cast<float>((ni + IVec(127)) << IVec(23));
+#endif
+}
+
+template <typename Vec>
+struct TokenTermsVec {
+  Vec pg, kl, high, low, ppo;  // as TokenTerms: high, low are 1.f / 0.f per lane
+};
+
+template <typename Vec>
+inline Vec kl_value_vec(const Vec& lp, const Vec& ref, int kl_type) {
+  if (kl_type == kLowVarKl) {
+    const Vec d = clamp(ref - lp, Vec(-20.f), Vec(20.f));
+    return clamp(exp_vec(d) - d - Vec(1.f), Vec(-10.f), Vec(10.f));
+  }
+  const Vec diff = lp - ref;
+  if (kl_type == kK1) return diff;
+  if (kl_type == kAbs) return diff.abs();
+  return Vec(0.5f) * (diff * diff);  // kMse
+}
+
+template <typename Vec>
+inline Vec kl_grad_vec(const Vec& lp, const Vec& ref, int kl_type) {
+  const Vec zero(0.f), one(1.f);
+  if (kl_type == kLowVarKl) {
+    const Vec draw = ref - lp;
+    const Vec d = clamp(draw, Vec(-20.f), Vec(20.f));
+    const Vec e = exp_vec(d);
+    const Vec k = e - d - one;
+    const Vec in = (draw >= Vec(-20.f)) & (draw <= Vec(20.f)) & (k >= Vec(-10.f)) & (k <= Vec(10.f));
+    return Vec::blendv(zero, one - e, in);
+  }
+  const Vec diff = lp - ref;
+  if (kl_type == kK1) return one;
+  if (kl_type == kAbs) return Vec::blendv(Vec::blendv(zero, Vec(-1.f), diff < zero), one, diff > zero);
+  return diff;  // kMse
+}
+
+template <typename Vec>
+inline TokenTermsVec<Vec> token_terms_vec(const Vec& lp, const Vec& old, const Vec& ref, const Vec& a, const Params& p) {
+  const Vec zero(0.f), one(1.f), na = a.neg();
+  const Vec ratio = exp_vec(clamp(lp - old, Vec(-20.f), Vec(20.f)));
+  const Vec pg1 = na * ratio;
+  const Vec pg2 = na * clamp(ratio, Vec(p.lo), Vec(p.hi));
+  TokenTermsVec<Vec> t{maximum(pg1, pg2), zero, (pg1 < pg2) & one, zero, old - lp};
+  if (p.has_dual) {
+    const Vec neg = a < zero, pg3 = na * Vec(p.dual);
+    t.low = neg & (t.pg > pg3) & one;
+    t.pg = Vec::blendv(t.pg, minimum(t.pg, pg3), neg);
+  }
+  if (p.has_ref) t.kl = kl_value_vec(lp, ref, p.kl_type);
+  return t;
+}
+
+template <typename Vec>
+inline Vec token_grad_vec(const Vec& lp, const Vec& old, const Vec& ref, const Vec& a, const Params& p) {
+  const Vec zero(0.f), half(0.5f), na = a.neg();
+  const Vec lr = lp - old;
+  const Vec ratio = exp_vec(clamp(lr, Vec(-20.f), Vec(20.f)));
+  const Vec pg1 = na * ratio;
+  const Vec pg2 = na * clamp(ratio, Vec(p.lo), Vec(p.hi));
+  const Vec g1 = Vec::blendv(zero, na * ratio, (lr >= Vec(-20.f)) & (lr <= Vec(20.f)));  // d pg1
+  const Vec g2 = Vec::blendv(zero, g1, (ratio >= Vec(p.lo)) & (ratio <= Vec(p.hi)));   // d pg2
+  Vec g = Vec::blendv(Vec::blendv(half * (g1 + g2), g2, pg1 < pg2), g1, pg1 > pg2);
+  if (p.has_dual) {
+    const Vec pg = maximum(pg1, pg2), pg3 = na * Vec(p.dual);  // pg3 is a constant: gradient 0
+    const Vec gd = Vec::blendv(Vec::blendv(half * g, g, pg < pg3), zero, pg > pg3);
+    g = Vec::blendv(g, gd, a < zero);
+  }
+  if (p.has_ref) g = g + Vec(p.kl_coef) * kl_grad_vec(lp, ref, p.kl_type);
+  return g;
+}
+#endif  // !__CUDACC__
 
 }  // namespace engine_grpo

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from engine import _validate, dispatch, kernels, reference
-from engine.token_logprobs import upstream
+from engine.token_logprobs import empty_row_outputs, upstream
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -118,9 +118,7 @@ def linear_token_logprobs_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H], weight [V, H], ids [N] -> (logp [N], entropy [N] or [0], stats [N, 2]) fp32."""
     n, V = hidden.shape[0], weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    logp, stats = torch.empty(n, **f32), torch.empty(n, 2, **f32)
-    entropy = torch.empty(n if return_entropy else 0, **f32)
+    logp, entropy, stats = empty_row_outputs(hidden, n, return_entropy)
     if n == 0:
         return logp, entropy, stats
     # once for every backend, before any chunk runs (the CUDA and Triton kernels cannot raise)
@@ -139,9 +137,7 @@ def linear_token_logprobs_op(
 
 @linear_token_logprobs_op.register_fake
 def _(hidden, weight, ids, bias, temperature, return_entropy, chunk_size, backend):
-    n = hidden.shape[0]
-    f32 = dict(dtype=torch.float32)
-    return hidden.new_empty((n,), **f32), hidden.new_empty((n if return_entropy else 0,), **f32), hidden.new_empty((n, 2), **f32)
+    return empty_row_outputs(hidden, hidden.shape[0], return_entropy)
 
 
 @torch.library.custom_op("engine::linear_token_logprobs_backward", mutates_args=())

@@ -75,11 +75,16 @@ def token_logprobs_op(
     return fwd(logits=logits, ids=ids, temperature=temperature, return_entropy=return_entropy)
 
 
+def empty_row_outputs(like: torch.Tensor, n: int, return_entropy: bool):
+    """Uninitialized fp32 (logp [n], entropy [n] or [0], stats [n, 2]) on the device of `like`: the
+    forward's outputs, as the fakes of token_logprobs and linear_token_logprobs describe them."""
+    f32 = dict(dtype=torch.float32)
+    return like.new_empty((n,), **f32), like.new_empty((n if return_entropy else 0,), **f32), like.new_empty((n, 2), **f32)
+
+
 @token_logprobs_op.register_fake
 def _(logits, ids, temperature, return_entropy, backend):
-    n = logits.shape[0]
-    f32 = dict(dtype=torch.float32)
-    return logits.new_empty((n,), **f32), logits.new_empty((n if return_entropy else 0,), **f32), logits.new_empty((n, 2), **f32)
+    return empty_row_outputs(logits, logits.shape[0], return_entropy)
 
 
 @torch.library.custom_op("engine::token_logprobs_backward", mutates_args=())

@@ -122,12 +122,15 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return backend
 
 
-def init_world(*, device: str = "cpu", backend: str = "auto", timeout_s: float = 600.0) -> World:
+def init_world(*, device: str = "cpu", backend: str = "auto", timeout_s: float | None = None) -> World:
     """The World of this process; under torchrun, also the default process group.
 
     device: cpu | cuda (each rank takes cuda:LOCAL_RANK). timeout_s: how long a collective waits
-    for a missing rank before the job fails.
+    for a missing rank before the job fails (default: $PEBR_DIST_TIMEOUT_S, else 600 s; rollouts
+    and checkpoints of big models happen between collectives, so it must exceed the longest).
     """
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("PEBR_DIST_TIMEOUT_S", 600))
     device_type = torch.device(device).type
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and not dist.is_initialized():
         return World(device=torch.device(device))

@@ -45,7 +45,9 @@ from pebr.trainer import Trainer
 # Kept importable from here (other modules and scripts import them from this module).
 from pebr.trainer import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
 
-UPDATE_METRICS = ("loss", "kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "entropy", "rollout_logp_diff")
+# What forward_backward_step sums over micro-batches (token-weighted metrics carry their tokens).
+SUMMED = ("loss", "tokens", "entropy", "kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "rollout_logp_diff",
+          "rollout_tokens")
 
 
 @dataclasses.dataclass
@@ -247,12 +249,13 @@ class GRPOTrainer(Trainer):
                     norms.append(norm)
                 for k, v in out.items():
                     totals[k] = totals.get(k, 0.0) + v
-        g = dict(zip(sorted(totals), self.world.sum([totals[k] for k in sorted(totals)]).tolist()))
-        tok, ro_tok = max(g.get("tokens", 0.0), 1.0), max(g.get("rollout_tokens", 0.0), 1.0)
-        result = {"loss": g.get("loss", 0.0) / max(1, n_updates)}
+        # The same keys on every rank (a rank with no groups has no sums), in one all-reduce.
+        g = dict(zip(SUMMED, self.world.sum([totals.get(k, 0.0) for k in SUMMED]).tolist()))
+        tok, ro_tok = max(g["tokens"], 1.0), max(g["rollout_tokens"], 1.0)
+        result = {"loss": g["loss"] / max(1, n_updates)}
         for k in ("kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "entropy"):
-            result[k] = g.get(k, 0.0) / tok
-        result["rollout_logp_diff"] = g.get("rollout_logp_diff", 0.0) / ro_tok if g.get("rollout_tokens") else float("nan")
+            result[k] = g[k] / tok
+        result["rollout_logp_diff"] = g["rollout_logp_diff"] / ro_tok if g["rollout_tokens"] else float("nan")
         result["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
         result["skipped"] = skipped
         result["updates"] = n_updates - skipped

@@ -4,10 +4,16 @@
   explicit loops in the processor's order and normalizing it in float64.
 - `conv3d64`: the model's PatchEmbed, a float64 Conv3d with kernel == stride over each patch.
 - `dot_scale`: the magnitude a dot product's rounding is relative to, max_i sum_k |a_ik| |b_kj|.
+And what tests/test_patch_embed.py and tests/test_patchify_embed.py set up alike:
+- `skip_interpreter`: the Triton interpreter runs these ops in fp32 only;
+- `make_weight`: a PatchEmbed weight [D, C, Tp, P, P] and bias [D] from the global generator.
 """
 from __future__ import annotations
 
+import pytest
 import torch
+
+import engine
 
 
 def patches64(images, *, patch_size=14, temporal_patch_size=2, merge_size=2, mean=None, std=None, rescale=1 / 255):
@@ -50,3 +56,14 @@ def dot_scale(a, b) -> float:
     if a64.numel() == 0 or b64.numel() == 0:
         return 1.0
     return max(1.0, float((a64 @ b64).max()))
+
+
+def skip_interpreter(backend, dtype=torch.float32):
+    if backend == "triton" and engine._triton.interpreting() and dtype != torch.float32:
+        pytest.skip("the Triton interpreter is tested in fp32 only (tl.dot on bf16 is wrong there)")
+
+
+def make_weight(D, device, dtype=torch.float32, C=3, Tp=2, P=14, bias=True):
+    w = (torch.randn(D, C, Tp, P, P, device=device) * 0.02).to(dtype)
+    b = (torch.randn(D, device=device) * 0.1).to(dtype) if bias else None
+    return w, b

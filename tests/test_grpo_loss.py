@@ -5,7 +5,8 @@ The fp64 truth is this file's own code (the contract, docs/ops.md#grpo_loss), ne
 wrong reference fails as surely as a wrong kernel. Every option combination (kl_type x loss_agg x dual clip on/off x old_logp/ref_logp given or not x
 advantages per sequence/per token), forward and backward with a random upstream gradient; edge
 cases (empty masks, B = 0, T = 1, extreme log-ratios); bad input; opcheck; torch.compile;
-bitwise determinism (repeated calls, 1 vs 2 threads).
+bitwise determinism (repeated calls, 1 vs 2 threads); every CPU path of the C++ kernel (scalar, default,
+AVX2, AVX-512 builds) against fp64 and against each other.
 """
 import itertools
 import os
@@ -340,17 +341,96 @@ def test_deterministic_repeated_and_across_threads(backend_name, device):
             torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# ---------------------------------------------------------------- the C++ kernel's CPU paths
+# csrc/cpu/grpo_loss.cpp runs one of: "avx512" / "avx2" (Vectorized<float> builds for those ISAs),
+# "default" (the same kernel at default flags: NEON on aarch64, plain C++ lanes elsewhere) and
+# "scalar" (grpo_math.h's per-token functions, the code the CUDA kernel runs). ENGINE_GRPO_CPU picks
+# one per call, never above what the CPU runs; torch.ops.engine.grpo_loss_cpu_path() names it.
+CPU_PATHS = ("scalar", "default", "avx2", "avx512")
+
+
+def _cpu_paths_here(monkeypatch):
+    """The paths this machine runs (each one that ENGINE_GRPO_CPU can select)."""
+    if DEVICE_IS_CUDA or "cpp" not in engine.available_backends("cpu"):
+        pytest.skip("needs the cpp backend on CPU tensors")
+    here = []
+    for path in CPU_PATHS:
+        monkeypatch.setenv("ENGINE_GRPO_CPU", path)
+        if torch.ops.engine.grpo_loss_cpu_path() == path:
+            here.append(path)
+    monkeypatch.delenv("ENGINE_GRPO_CPU")
+    assert here[:2] == ["scalar", "default"]  # on every CPU
+    return here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kl_type", KL_TYPES)
-def test_cpp_scalar_path(monkeypatch, kl_type, dtype):
-    """The C++ scalar fallback (CPUs without AVX-512) against fp64, as the vector path is."""
-    if "cpp" not in engine.available_backends("cpu"):
-        pytest.skip("C++ extension not built")
-    monkeypatch.setenv("ENGINE_GRPO_SCALAR", "1")
-    for per_token, mask_kind in ((False, "bool"), (True, "float")):
-        logp, adv, mask, old, ref = _inputs(5, 53, dtype, adv_per_token=per_token, has_old=True, has_ref=True,
+def test_cpu_paths_match_fp64_and_each_other(monkeypatch, kl_type, dtype):
+    """Every CPU path of the C++ kernel against fp64 (as every backend is), and the vector builds
+    against the scalar path: fp32 sums and gradients to a few ulp, bf16/fp16 gradients to one ulp
+    of their dtype. T = 2100: two chunks, several blocks and a tail shorter than any vector."""
+    paths = _cpu_paths_here(monkeypatch)
+    flags = [(3.0, False, "bool", "seq-mean-token-mean"), (None, True, "float", "token-mean"),
+             (1.5, True, "bool", "seq-mean-token-sum-norm")]
+    for dual_clip, per_token, mask_kind, loss_agg in flags:
+        if dtype == torch.float16:
+            # gradients of ~1/(tokens) would be fp16 subnormals, whose half-ulp rounding alone exceeds
+            # the bound eps(fp16) * max|dlogp|: weight rows by 1/B only
+            loss_agg = "seq-mean-token-sum"
+        logp, adv, mask, old, ref = _inputs(5, 2100, dtype, adv_per_token=per_token, has_old=True, has_ref=True,
                                             mask_kind=mask_kind)
-        _check_all("cpp", logp, adv, mask, old, ref, kl_coef=0.1, kl_type=kl_type, loss_agg="seq-mean-token-mean")
+        old[0, :40] = logp[0, :40]  # ratio exactly 1: ties between pg1 and pg2
+        kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type=kl_type, dual_clip=dual_clip, loss_agg=loss_agg)
+        upstream = torch.randn(())
+        outs = {}
+        for path in paths:
+            monkeypatch.setenv("ENGINE_GRPO_CPU", path)
+            _check_all("cpp", logp, adv, mask, old, ref, **{k: v for k, v in kw.items() if k not in ("old_logp", "ref_logp")})
+            loss, metrics, grad = _run("cpp", logp, adv, mask, upstream, **kw)
+            outs[path] = [loss, grad] + [metrics[k] for k in METRICS]
+        for path in paths[1:]:
+            for name, a, b in zip(("loss", "dlogp") + METRICS, outs[path], outs["scalar"]):
+                if name == "dlogp":
+                    eps = torch.finfo(dtype).eps
+                    tol = dict(rtol=eps if dtype != torch.float32 else 4 * eps, atol=4 * 1.2e-7 * float(b.abs().max()))
+                else:
+                    tol = dict(rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{path} vs scalar, {name}: {m}")
+
+
+def test_cpu_paths_deterministic_across_threads(monkeypatch):
+    """Each CPU path gives bitwise the same results for 1 and 2 threads."""
+    paths = _cpu_paths_here(monkeypatch)
+    logp, adv, mask, old, ref = _inputs(8, 2500, torch.float32, adv_per_token=False, has_old=True, has_ref=True)
+    threads = torch.get_num_threads()
+    try:
+        for path in paths:
+            monkeypatch.setenv("ENGINE_GRPO_CPU", path)
+            torch.set_num_threads(1)
+            first = _outputs("cpp", logp, adv, mask, old, ref)
+            torch.set_num_threads(2)
+            _assert_bitwise(first, _outputs("cpp", logp, adv, mask, old, ref))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_aten_cpu_capability_caps_the_path(monkeypatch):
+    """ATEN_CPU_CAPABILITY=default|avx2 caps the path as it caps ATen's kernels (read once per
+    process, hence subprocesses); a bad ENGINE_GRPO_CPU is a ValueError."""
+    paths = _cpu_paths_here(monkeypatch)
+    script = "import torch, engine._C; print(torch.ops.engine.grpo_loss_cpu_path())"
+    env = {k: v for k, v in os.environ.items() if k != "ENGINE_GRPO_CPU"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # (an ATEN_CPU_CAPABILITY already set for this process caps `paths` too: then only "at most avx2")
+    for cap, want in (("default", {"default"}), ("avx2", {"avx2"} if "avx2" in paths else {"default", "avx2"}),
+                      (os.environ.get("ATEN_CPU_CAPABILITY"), {paths[-1]})):
+        e = dict(env, ATEN_CPU_CAPABILITY=cap) if cap else env
+        out = subprocess.run([sys.executable, "-c", script], env=e, cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() in want, (cap, out.stdout)
+    monkeypatch.setenv("ENGINE_GRPO_CPU", "sse9")
+    with pytest.raises(ValueError, match="ENGINE_GRPO_CPU"):
+        torch.ops.engine.grpo_loss_cpu_path()
 
 
 _COMPILE_SM90 = r"""

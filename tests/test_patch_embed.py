@@ -18,22 +18,11 @@ import torch
 import engine
 import engine.ops as ops
 from engine import patch_embed as patch_embed_module
-from tests.patch_truth import conv3d64, dot_scale
+from tests.patch_truth import conv3d64, dot_scale, make_weight, skip_interpreter
 from tests.tolerance import assert_matches_fp64
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K_OUT = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
-
-
-def skip_interpreter(backend, dtype=torch.float32):
-    if backend == "triton" and engine._triton.interpreting() and dtype != torch.float32:
-        pytest.skip("the Triton interpreter is tested in fp32 only (tl.dot on bf16 is wrong there)")
-
-
-def make_weight(D, device, dtype=torch.float32, C=3, Tp=2, P=14, bias=True):
-    w = (torch.randn(D, C, Tp, P, P, device=device) * 0.02).to(dtype)
-    b = (torch.randn(D, device=device) * 0.1).to(dtype) if bias else None
-    return w, b
 
 
 def run(backend, x, w, b, g):

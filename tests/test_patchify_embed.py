@@ -22,23 +22,12 @@ import engine.ops as ops
 from engine import patchify_embed as patchify_embed_module
 from engine import reference
 from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
-from tests.patch_truth import conv3d64, dot_scale, patches64
+from tests.patch_truth import conv3d64, dot_scale, make_weight, patches64, skip_interpreter
 from tests.tolerance import assert_matches_fp64
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
 MEAN, STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
-
-
-def skip_interpreter(backend, dtype=torch.float32):
-    if backend == "triton" and engine._triton.interpreting() and dtype != torch.float32:
-        pytest.skip("the Triton interpreter is tested in fp32 only (tl.dot on bf16 is wrong there)")
-
-
-def make_weight(D, device, dtype=torch.float32, C=3, Tp=2, P=14, bias=True):
-    w = (torch.randn(D, C, Tp, P, P, device=device) * 0.02).to(dtype)
-    b = (torch.randn(D, device=device) * 0.1).to(dtype) if bias else None
-    return w, b
 
 
 def uint8_images(device, sizes=((56, 84), (28, 28)), B=1):

@@ -72,6 +72,25 @@ def _kl_terms(lp, ref, KL_TYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_tokens(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, b, row, offs, ok,
+    HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One block of row b's tokens as fp32 -> (logp, mask, old_logp (logp when absent), advantages)."""
+    lp = tl.load(logp_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + row + offs, mask=ok, other=0).to(tl.float32)
+    if HAS_OLD:
+        old = tl.load(old_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        old = lp
+    if ADV_PER_TOKEN:
+        a = tl.load(adv_ptr + row + offs, mask=ok, other=0.0)
+    else:
+        a = tl.load(adv_ptr + b) + tl.zeros((BLOCK_T,), tl.float32)
+    return lp, m, old, a
+
+
+@triton.jit
 def _grpo_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, part_ptr, B, T, lo, hi, dual,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
@@ -88,16 +107,7 @@ def _grpo_loss_fwd_kernel(
     for it in range(N_ITERS):
         offs = it * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = offs < T
-        lp = tl.load(logp_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(mask_ptr + row + offs, mask=ok, other=0).to(tl.float32)
-        if HAS_OLD:
-            old = tl.load(old_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
-        else:
-            old = lp
-        if ADV_PER_TOKEN:
-            a = tl.load(adv_ptr + row + offs, mask=ok, other=0.0)
-        else:
-            a = tl.load(adv_ptr + b) + tl.zeros((BLOCK_T,), tl.float32)
+        lp, m, old, a = _load_tokens(logp_ptr, old_ptr, adv_ptr, mask_ptr, b, row, offs, ok, HAS_OLD, ADV_PER_TOKEN, BLOCK_T)
         pg, high, low, _ = _pg_terms(lp, old, a, lo, hi, dual, HAS_DUAL)
         s_pg += pg * m
         s_m += m
@@ -179,16 +189,7 @@ def _grpo_loss_bwd_kernel(
     offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = offs < T
     row = b.to(tl.int64) * T
-    lp = tl.load(logp_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + row + offs, mask=ok, other=0).to(tl.float32)
-    if HAS_OLD:
-        old = tl.load(old_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
-    else:
-        old = lp
-    if ADV_PER_TOKEN:
-        a = tl.load(adv_ptr + row + offs, mask=ok, other=0.0)
-    else:
-        a = tl.load(adv_ptr + b) + tl.zeros((BLOCK_T,), tl.float32)
+    lp, m, old, a = _load_tokens(logp_ptr, old_ptr, adv_ptr, mask_ptr, b, row, offs, ok, HAS_OLD, ADV_PER_TOKEN, BLOCK_T)
     _, _, _, g = _pg_terms(lp, old, a, lo, hi, dual, HAS_DUAL)
     if HAS_REF:
         ref = tl.load(ref_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
@@ -204,6 +205,17 @@ def _block_t(T: int) -> int:
     return max(16, min(triton.next_power_of_2(max(T, 1)), cap))
 
 
+def _shared_args(logp, advantages, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_type):
+    """What the forward and backward kernels take alike -> ((old, ref) pointers, logp where absent;
+    the clip bounds (lo, hi, dual); the constexpr flags as keywords)."""
+    has_old, has_ref = old_logp is not None, ref_logp is not None
+    ptrs = (old_logp if has_old else logp, ref_logp if has_ref else logp)
+    clips = (1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip)
+    flags = dict(HAS_OLD=has_old, HAS_REF=has_ref, HAS_DUAL=dual_clip is not None,
+                 ADV_PER_TOKEN=advantages.dim() == 2, KL_TYPE=KL_TYPES[kl_type])
+    return ptrs, clips, flags
+
+
 def grpo_loss_fwd(
     *, logp, advantages, mask, old_logp=None, ref_logp=None, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
     kl_coef=0.0, kl_type="low_var_kl", loss_agg="token-mean",
@@ -214,19 +226,16 @@ def grpo_loss_fwd(
     f32 = dict(device=logp.device, dtype=torch.float32)
     part = torch.zeros((6, B), **f32)
     loss, metrics, row_w = torch.empty((), **f32), torch.empty((4,), **f32), torch.empty((B,), **f32)
-    has_ref = ref_logp is not None
+    (old, ref), clips, flags = _shared_args(logp, advantages, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_type)
     block = _block_t(T)
     if B > 0:
         _grpo_loss_fwd_kernel[(B,)](
-            logp, old_logp if old_logp is not None else logp, ref_logp if has_ref else logp, advantages, mask, part,
-            B, T, 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
-            HAS_OLD=old_logp is not None, HAS_REF=has_ref, HAS_DUAL=dual_clip is not None,
-            ADV_PER_TOKEN=advantages.dim() == 2, KL_TYPE=KL_TYPES[kl_type], BLOCK_T=block,
+            logp, old, ref, advantages, mask, part, B, T, *clips, **flags, BLOCK_T=block,
             N_ITERS=triton.cdiv(T, block), num_warps=4,
         )
     block_b = max(16, min(triton.next_power_of_2(max(B, 1)), 1024))
     _grpo_loss_finalize_kernel[(1,)](
-        part, loss, metrics, row_w, B, T, kl_coef if has_ref else 0.0, AGG=LOSS_AGGS[loss_agg],
+        part, loss, metrics, row_w, B, T, kl_coef if flags["HAS_REF"] else 0.0, AGG=LOSS_AGGS[loss_agg],
         BLOCK_B=block_b, N_B_ITERS=triton.cdiv(B, block_b), num_warps=4,
     )
     return loss, metrics, row_w
@@ -241,12 +250,10 @@ def grpo_loss_bwd(
     dlogp = torch.empty_like(logp)
     if B * T == 0:
         return dlogp
+    (old, ref), clips, flags = _shared_args(logp, advantages, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_type)
     block = _block_t(T)
-    has_ref = ref_logp is not None
     _grpo_loss_bwd_kernel[(B, triton.cdiv(T, block))](
-        grad_loss, logp, old_logp if old_logp is not None else logp, ref_logp if has_ref else logp, advantages, mask,
-        row_weight, dlogp, T, 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
-        kl_coef if has_ref else 0.0, HAS_OLD=old_logp is not None, HAS_REF=has_ref, HAS_DUAL=dual_clip is not None,
-        ADV_PER_TOKEN=advantages.dim() == 2, KL_TYPE=KL_TYPES[kl_type], BLOCK_T=block, num_warps=4,
+        grad_loss, logp, old, ref, advantages, mask, row_weight, dlogp, T, *clips,
+        kl_coef if flags["HAS_REF"] else 0.0, **flags, BLOCK_T=block, num_warps=4,
     )
     return dlogp

@@ -137,38 +137,43 @@ def token_logprobs_fwd(
     return logp, entropy, stats
 
 
-def token_logprobs_bwd(
-    *,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    stats: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logp: torch.Tensor | None = None,
-    grad_entropy: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    block: int | None = None,
-) -> torch.Tensor:
-    """grad_logits [N, V] in the logits dtype (a new tensor)."""
-    logits = _rows(logits)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _launch_bwd(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature, block)
+def _bwd_launcher(inplace: bool):
+    """The launcher of `token_logprobs_bwd` (inplace False) or `token_logprobs_bwd_inplace`: one
+    schema (csrc/ops.cpp), so one keyword list; they differ only in where grad_logits goes."""
+
+    def launch(
+        *,
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        stats: torch.Tensor,
+        entropy: torch.Tensor,
+        grad_logp: torch.Tensor | None = None,
+        grad_entropy: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        block: int | None = None,
+    ):
+        if inplace:
+            if logits.dim() != 2 or logits.stride(-1) != 1:
+                raise ValueError(
+                    f"logits must be [N, V] with a contiguous last dim to be overwritten, got strides {logits.stride()}"
+                )
+            _launch_bwd(logits, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature, block)
+            return None
+        logits = _rows(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return _launch_bwd(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature, block)
+
+    launch.__name__ = launch.__qualname__ = "token_logprobs_bwd_inplace" if inplace else "token_logprobs_bwd"
+    launch.__doc__ = (
+        "The same, overwriting `logits` [N, V] with grad_logits (each block is read before it is written) -> None."
+        if inplace
+        else "grad_logits [N, V] in the logits dtype (a new tensor)."
+    )
+    return launch
 
 
-def token_logprobs_bwd_inplace(
-    *,
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    stats: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logp: torch.Tensor | None = None,
-    grad_entropy: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    block: int | None = None,
-) -> None:
-    """The same, overwriting `logits` [N, V] with grad_logits (each block is read before it is written)."""
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be [N, V] with a contiguous last dim to be overwritten, got strides {logits.stride()}")
-    _launch_bwd(logits, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature, block)
+token_logprobs_bwd = _bwd_launcher(inplace=False)
+token_logprobs_bwd_inplace = _bwd_launcher(inplace=True)
 
 
 def _launch_bwd(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature, block) -> torch.Tensor:

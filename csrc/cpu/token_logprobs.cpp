@@ -1,7 +1,7 @@
 // token_logprobs on CPU: argument checks, dtype/capability dispatch, threads over rows.
 // The row kernels are in token_logprobs_kernel.h, built here with the default flags and in
 // token_logprobs_avx512.cpp / token_logprobs_avx2.cpp for those instruction sets, chosen at run
-// time; ATEN_CPU_CAPABILITY=default|avx2 caps the choice, as it does for ATen.
+// time (cpu/cpu_isa.h); ATEN_CPU_CAPABILITY=default|avx2 caps the choice, as it does for ATen.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,43 +22,26 @@
 #define TLP_NS tlp_default
 #include "cpu/token_logprobs_kernel.h"
 #undef TLP_NS
+#include "cpu/cpu_isa.h"
+#include "token_logprobs_checks.h"
 
 namespace engine {
 namespace {
 
-enum class Capability { kDefault, kAvx2, kAvx512 };
-
-Capability capability() {
-  static const Capability cap = [] {
-    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
-    const bool cap_default = forced && std::strcmp(forced, "default") == 0;
-    const bool cap_avx2 = forced && std::strcmp(forced, "avx2") == 0;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // where the variants are built
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-    const bool avx2 = false, avx512 = false;
-#endif
-    if (cap_default || !avx2) return Capability::kDefault;
-    return avx512 && !cap_avx2 ? Capability::kAvx512 : Capability::kAvx2;
-  }();
-  return cap;
-}
+using engine_cpu::Isa;
 
 void fwd_rows(const TlpFwdArgs& a, int64_t begin, int64_t end) {
-  switch (capability()) {
-    case Capability::kAvx512: return tlp_avx512::fwd_rows(a, begin, end);
-    case Capability::kAvx2: return tlp_avx2::fwd_rows(a, begin, end);
+  switch (engine_cpu::best_isa()) {
+    case Isa::kAvx512: return tlp_avx512::fwd_rows(a, begin, end);
+    case Isa::kAvx2: return tlp_avx2::fwd_rows(a, begin, end);
     default: return tlp_default::fwd_rows(a, begin, end);
   }
 }
 
 void bwd_rows(const TlpBwdArgs& a, int64_t begin, int64_t end) {
-  switch (capability()) {
-    case Capability::kAvx512: return tlp_avx512::bwd_rows(a, begin, end);
-    case Capability::kAvx2: return tlp_avx2::bwd_rows(a, begin, end);
+  switch (engine_cpu::best_isa()) {
+    case Isa::kAvx512: return tlp_avx512::bwd_rows(a, begin, end);
+    case Isa::kAvx2: return tlp_avx2::bwd_rows(a, begin, end);
     default: return tlp_default::bwd_rows(a, begin, end);
   }
 }
@@ -91,19 +74,9 @@ void advise_huge_pages(const at::Tensor& t) {
 // Rows per task: enough work (~64K entries) to amortize a task, at least one row.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
-// Checks logits [N, V] / ids [N] and returns ids as contiguous int64 after a range check.
+// The shared checks (token_logprobs_checks.h), then ids as contiguous int64 after a range check.
 at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, double temperature) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "logits must be a float tensor, got ", logits.scalar_type());
-  dtype_code(logits);
-  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D [N], got shape ", ids.sizes());
-  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-                    "ids must be int64 or int32, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.size(0) == logits.size(0), "ids must have shape [", logits.size(0),
-                    "] (one id per row of logits), got ", ids.sizes());
-  TORCH_CHECK_VALUE(ids.device() == logits.device(), "ids is on ", ids.device(), " but logits is on ", logits.device());
-  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be positive and finite, got ", temperature);
+  engine_tlp::check_inputs(logits, ids, temperature);
   at::Tensor ids64 = ids.to(at::kLong).contiguous();
   const int64_t V = logits.size(1);
   const int64_t* p = ids64.const_data_ptr<int64_t>();
@@ -111,13 +84,6 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, double 
     TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < V, "ids holds ", p[i], " at row ", i, ", outside the vocabulary [0, ", V, ")");
   }
   return ids64;
-}
-
-// Upstream grad of a per-row output as a contiguous fp32 [N] (or nullopt).
-std::optional<at::Tensor> row_grad(const std::optional<at::Tensor>& g, int64_t N, const char* name) {
-  if (!g.has_value() || !g->defined()) return std::nullopt;
-  TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == N, name, " must have shape [", N, "], got ", g->sizes());
-  return g->to(at::kFloat).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
@@ -139,15 +105,9 @@ void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor
               const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
               const std::optional<at::Tensor>& grad_entropy, double temperature) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 2 && stats.scalar_type() == at::kFloat,
-                    "stats must be float32 [", N, ", 2] (from token_logprobs_fwd), got ", stats.scalar_type(), " ",
-                    stats.sizes());
-  auto g_logp = row_grad(grad_logp, N, "grad_logp");
-  auto g_ent = row_grad(grad_entropy, N, "grad_entropy");
-  if (g_ent) {
-    TORCH_CHECK_VALUE(entropy.dim() == 1 && entropy.size(0) == N && entropy.scalar_type() == at::kFloat,
-                      "entropy must be float32 [", N, "] when grad_entropy is given, got ", entropy.sizes());
-  }
+  engine_tlp::check_saved(logits, stats, entropy, grad_entropy.has_value() && grad_entropy->defined());
+  auto g_logp = engine_tlp::row_grad(grad_logp, logits, "grad_logp");
+  auto g_ent = engine_tlp::row_grad(grad_entropy, logits, "grad_entropy");
   at::Tensor stats_c = stats.contiguous();
   at::Tensor ent_c = g_ent ? entropy.contiguous() : at::Tensor();
   TlpBwdArgs a{dtype_code(logits), logits.const_data_ptr(), logits.stride(0), grad.data_ptr(), grad.stride(0), V,

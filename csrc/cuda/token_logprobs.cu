@@ -22,6 +22,8 @@
 #include <optional>
 #include <tuple>
 
+#include "token_logprobs_checks.h"
+
 namespace engine {
 namespace {
 
@@ -135,28 +137,10 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   }
 }
 
+// The shared checks (token_logprobs_checks.h), and rows that fit one grid.
 void check_inputs(const at::Tensor& logits, const at::Tensor& ids, double temperature) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
-                        logits.scalar_type() == at::kHalf,
-                    "logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 1, "ids must be 1-D [N], got shape ", ids.sizes());
-  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-                    "ids must be int64 or int32, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.size(0) == logits.size(0), "ids must have shape [", logits.size(0),
-                    "] (one id per row of logits), got ", ids.sizes());
-  TORCH_CHECK_VALUE(ids.device() == logits.device(), "ids is on ", ids.device(), " but logits is on ", logits.device());
-  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be positive and finite, got ", temperature);
+  engine_tlp::check_inputs(logits, ids, temperature);
   TORCH_CHECK_VALUE(logits.size(0) <= 2147483647LL, "logits has too many rows for one grid: ", logits.size(0));
-}
-
-std::optional<at::Tensor> row_grad(const std::optional<at::Tensor>& g, const at::Tensor& like, const char* name) {
-  if (!g.has_value() || !g->defined()) return std::nullopt;
-  const int64_t N = like.size(0);
-  TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == N, name, " must have shape [", N, "], got ", g->sizes());
-  TORCH_CHECK_VALUE(g->device() == like.device(), name, " is on ", g->device(), " but logits is on ", like.device());
-  return g->to(at::kFloat).contiguous();
 }
 
 // Large rows get more threads per block: enough loads in flight to stream the row.
@@ -195,18 +179,9 @@ void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor
               const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
               const std::optional<at::Tensor>& grad_entropy, double temperature) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 2 && stats.scalar_type() == at::kFloat &&
-                        stats.device() == logits.device(),
-                    "stats must be float32 [", N, ", 2] on the device of logits (from token_logprobs_fwd), got ",
-                    stats.scalar_type(), " ", stats.sizes());
-  auto g_logp = row_grad(grad_logp, logits, "grad_logp");
-  auto g_ent = row_grad(grad_entropy, logits, "grad_entropy");
-  if (g_ent) {
-    TORCH_CHECK_VALUE(entropy.dim() == 1 && entropy.size(0) == N && entropy.scalar_type() == at::kFloat &&
-                          entropy.device() == logits.device(),
-                      "entropy must be float32 [", N, "] on the device of logits when grad_entropy is given, got ",
-                      entropy.sizes());
-  }
+  engine_tlp::check_saved(logits, stats, entropy, grad_entropy.has_value() && grad_entropy->defined());
+  auto g_logp = engine_tlp::row_grad(grad_logp, logits, "grad_logp");
+  auto g_ent = engine_tlp::row_grad(grad_entropy, logits, "grad_entropy");
   if (N == 0) return;
   const at::Tensor ids64 = ids.to(at::kLong).contiguous();
   const at::Tensor stats_c = stats.contiguous();

@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from pebr import config as C
-from pebr.distributed import init_world
+from pebr.distributed import World, init_world
 from pebr.fsdp import full_state_dict
 from pebr.grpo_trainer import GRPOTrainer
 from pebr.policy import build_tiny_policy
@@ -41,6 +41,12 @@ def main(out_path: str, loss_agg: str) -> None:
         mine = world.share(list(range(len(items))), cfg.mini_batch)
         local = ro.select_groups(mine) if world.distributed else ro
         rows = [g * cfg.group_size + j for g in mine for j in range(cfg.group_size)]
+        kept = None
+        if os.environ.get("FILTERED") == "1":
+            # Online filtering left rank 1 no group: it must still join every collective (zero-weight
+            # passes) and the job must train on rank 0's groups alone, as one rank would.
+            rank0 = World(rank=0, world_size=2).share(list(range(len(items))), cfg.mini_batch)
+            kept = rank0 if not world.distributed else (list(range(len(mine))) if world.rank == 0 else [])
         grads = {}
         step = trainer.opt.step
 
@@ -53,7 +59,7 @@ def main(out_path: str, loss_agg: str) -> None:
             return step(*a, **k)
 
         trainer.opt.step = record_then_step
-        metrics = trainer.update(local, adv[rows])
+        metrics = trainer.update(local, adv[rows], kept)
         weights = full_state_dict(policy.model, distributed=world.distributed)
     if world.is_main:
         torch.save({"metrics": metrics, "weights": weights, "grads": grads, "world_size": world.world_size}, out_path)
