@@ -35,10 +35,10 @@ def parameter_count(name: str) -> int:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from pebr.policy import mrope_section
+
     arch = ARCHS[name]
-    head_dim = arch["text"]["hidden_size"] // arch["text"]["num_attention_heads"]
-    half = head_dim // 2
-    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    mrope = mrope_section(arch["text"]["hidden_size"] // arch["text"]["num_attention_heads"])
     cfg = Qwen2_5_VLConfig(
         text_config=dict(arch["text"], rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
                          tie_word_embeddings=arch["tie"]),

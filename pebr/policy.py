@@ -130,6 +130,13 @@ def left_pad(rows: list[list[int]], *, pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL's mrope splits the rotary half-dims over (t, h, w): a quarter to t, the rest halved."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
 def tiny_config(tokenizer, size: TinySize = TinySize()):
     """A Qwen2_5_VLConfig of `size` whose special-token ids are `tokenizer`'s."""
     from transformers import Qwen2_5_VLConfig
@@ -137,10 +144,7 @@ def tiny_config(tokenizer, size: TinySize = TinySize()):
     from pebr.tokenizer import special_ids
 
     ids = special_ids(tokenizer)
-    head_dim = size.hidden_size // size.num_attention_heads
-    half = head_dim // 2  # mrope splits the rotary half-dims over (t, h, w)
-    t = half // 4
-    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    mrope = mrope_section(size.hidden_size // size.num_attention_heads)
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
