@@ -19,6 +19,7 @@
 // ATen's kernels (read once), and ENGINE_GRPO_CPU=scalar|default|avx2|avx512 (read per call, for
 // tests and benchmarks; never above what the CPU supports) picks one.
 // torch.ops.engine.grpo_loss_cpu_path() names the path the next call takes.
+#include "cpu/cpu_isa.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -48,24 +49,13 @@ using namespace engine_grpo;  // kNumSums, Params, check_inputs, token_terms, to
 enum class Path { kScalar = 0, kDefault = 1, kAvx2 = 2, kAvx512 = 3 };
 constexpr const char* kPathNames[] = {"scalar", "default", "avx2", "avx512"};
 
-// The best path this CPU runs, capped by ATEN_CPU_CAPABILITY (read once, as ATen reads it).
+// The best path this CPU runs, capped by ATEN_CPU_CAPABILITY (csrc/cpu/cpu_isa.h, shared with token_logprobs).
 Path best_path() {
-  static const Path best = [] {
-    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
-    const bool cap_default = forced && std::strcmp(forced, "default") == 0;
-    const bool cap_avx2 = forced && std::strcmp(forced, "avx2") == 0;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // where the variants are built
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-    const bool avx2 = false, avx512 = false;
-#endif
-    if (cap_default || !avx2) return Path::kDefault;
-    return avx512 && !cap_avx2 ? Path::kAvx512 : Path::kAvx2;
-  }();
-  return best;
+  switch (engine_cpu::best_isa()) {
+    case engine_cpu::Isa::kAvx512: return Path::kAvx512;
+    case engine_cpu::Isa::kAvx2: return Path::kAvx2;
+    default: return Path::kDefault;
+  }
 }
 
 // ENGINE_GRPO_CPU (read per call) where set, never above best_path(); else best_path().

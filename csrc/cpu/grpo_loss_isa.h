@@ -10,21 +10,7 @@
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// The pragma enables the instructions but not the feature macros that headers (sleef.h, ATen's
-// vec256 / vec512) test; define the ones -mavx512f -mavx512bw -mavx512vl -mavx512dq and
-// -mavx2 -mfma -mf16c would.
-#if defined(CPU_CAPABILITY_AVX512) && !defined(__AVX512F__)
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#define __AVX__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#endif
+#include "cpu/isa_features.h"
 
 #include "cpu/grpo_loss_kernel.h"
 
