@@ -58,3 +58,40 @@ def check_ids_in_range(name: str, ids: torch.Tensor, vocab: int) -> None:
 def check_positive(name: str, value: float) -> None:
     if not (value > 0 and value < float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def check_finite(name: str, t: torch.Tensor, what: str = "") -> None:
+    """Every entry of `t` is finite (skipped under torch.compile; one reduction, a host sync)."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0, 0])
+        extra = f" {what}" if what else ""
+        raise ValueError(f"{name} must be finite{extra}: entry {i} is {t.reshape(-1)[i].item()}")
+
+
+def check_rows_finite_max(row_max: torch.Tensor, row_logits, temperature: float) -> None:
+    """token_logprobs' one rule for non-finite z = logits / temperature (docs/ops.md#token_logprobs):
+    +inf is not a valid logit, and a temperature so small that logits / temperature overflows fp32 is
+    refused. `row_max: [N]` is each row's max of z (the kernels' stats[:, 0]); `row_logits(r)` gives
+    row r's logits (only called on the error path). A row of only -inf logits (fully masked) and a NaN
+    row are left alone (NaN outputs). Skipped under torch.compile; costs one reduction (a host sync)."""
+    if row_max.numel() == 0 or torch.compiler.is_compiling():
+        return
+    suspect = torch.isinf(row_max)
+    if not bool(suspect.any()):
+        return
+    for r in suspect.nonzero().flatten().tolist():
+        row = row_logits(r).detach().float()
+        if bool(torch.isposinf(row).any()):
+            raise ValueError(
+                f"logits holds +inf in row {r}: +inf is not a valid logit (mask an entry with -inf instead)"
+            )
+        finite = row[torch.isfinite(row)]
+        if finite.numel():  # z overflowed: finite logits divided by a too small temperature
+            big = float(finite.abs().max())
+            raise ValueError(
+                f"temperature {temperature} is too small for these logits: logits / temperature overflows fp32 "
+                f"in row {r} (|logit| up to {big:.3g}); use temperature >= {big / 3.0e38:.3g}"
+            )

@@ -15,7 +15,7 @@ import operator
 import torch
 
 from engine import dispatch, kernels, reference
-from engine._validate import FLOAT_DTYPES, check_tensor
+from engine._validate import FLOAT_DTYPES, check_finite, check_tensor
 from engine.grpo_options import ADVANTAGE_SCALES
 
 __all__ = ["group_advantages"]
@@ -32,6 +32,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     """
     check_args(rewards, group_size, scale, eps)
     group_size = operator.index(group_size)
+    # one semantics for every backend: a NaN/inf reward (or one beyond fp32's range) is refused
+    check_finite("rewards", rewards.detach().to(torch.float32), "(in fp32, the kernels' precision)")
     backend = dispatch.select_backend("group_advantages", rewards.device.type)
     if backend == "torch":
         return reference.group_advantages(rewards, group_size, scale=scale, eps=eps)

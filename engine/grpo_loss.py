@@ -87,6 +87,19 @@ def grpo_loss(
     return loss, dict(zip(METRIC_NAMES, metrics.detach().unbind(0)))  # metrics carry no gradient
 
 
+def _check_mask_values(mask) -> None:
+    """A non-bool mask holds weights: each must be finite and >= 0 (a NaN or negative weight is refused).
+    One reduction (a host sync); skipped for bool masks and under torch.compile."""
+    if mask.dtype == torch.bool or mask.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = mask < 0
+    if mask.is_floating_point():
+        bad = bad | ~torch.isfinite(mask)
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"mask must hold finite weights >= 0, got {mask[b, t].item()} at [{b}, {t}]")
+
+
 def _check_grpo_args(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_type, loss_agg):
     check_float("logp", logp, ndim=2)
     B, T = logp.shape
@@ -95,6 +108,7 @@ def _check_grpo_args(logp, advantages, mask, old_logp, ref_logp, clip_low, clip_
         raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}) (per sequence or per token), got {tuple(advantages.shape)}")
     check_tensor("mask", mask, dtypes=_MASK_DTYPES)
     check_shape("mask", mask, (B, T), "like logp")
+    _check_mask_values(mask)
     if old_logp is not None:
         check_float("old_logp", old_logp)
         check_shape("old_logp", old_logp, (B, T), "like logp")

@@ -63,10 +63,10 @@ def linear_token_logprobs(
             hidden, weight, ids, bias=bias, temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size
         )
     H = hidden.shape[-1]
-    n = ids.numel()
+    n = ids.numel()  # (hidden.reshape(-1, H) is ambiguous for H = 0: reshape to (n, H))
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(n, weight.shape[0], hidden.dtype)
     logp, entropy, _stats = linear_token_logprobs_op(
-        hidden.reshape(-1, H), weight, ids.reshape(-1), bias, float(temperature), bool(return_entropy), chunk, backend
+        hidden.reshape(n, H), weight, ids.reshape(-1), bias, float(temperature), bool(return_entropy), chunk, backend
     )
     logp = logp.view(ids.shape)
     return (logp, entropy.view(ids.shape)) if return_entropy else logp
@@ -132,7 +132,14 @@ def linear_token_logprobs_op(
         logp[s:e], stats[s:e] = lp, st
         if return_entropy:
             entropy[s:e] = ent
+    # as token_logprobs: a +inf logit, or a temperature that overflows z, raises ValueError
+    _validate.check_rows_finite_max(stats[:, 0], lambda r: _row_logits(hidden, weight, bias, r), temperature)
     return logp, entropy, stats
+
+
+def _row_logits(hidden, weight, bias, r):
+    """Row r's logits (the error path of the +inf check only)."""
+    return torch.nn.functional.linear(hidden[r : r + 1], weight, bias)[0]
 
 
 @linear_token_logprobs_op.register_fake

@@ -104,10 +104,27 @@ class PatchGeometry:
                     f"{name} is {H}x{W}: height and width must be multiples of patch_size*merge_size = {self.block} "
                     "(resize first: engine.image.smart_resize)"
                 )
+            self._check_float_range(name, t)
             if out and t.device != out[0].device:
                 raise ValueError(f"{name} is on {t.device} but images[0] is on {out[0].device}")
             out.append(t)
         return out
+
+    def _check_float_range(self, name: str, t: torch.Tensor) -> None:
+        """Float images with the uint8 rescale (1/255) must hold [0, 255] pixels: images already in
+        [0, 1] (max in (0, 1]) would be scaled by 1/255 a second time, so they are refused. An all-zero
+        image is the same either way. One reduction per float image (a host sync); skipped under compile."""
+        if not t.is_floating_point() or t.numel() == 0 or torch.compiler.is_compiling():
+            return
+        if abs(self.rescale - 1 / 255) > 1e-12:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+        if 0.0 <= lo and 0.0 < hi <= 1.0:
+            raise ValueError(
+                f"{name} holds float values in [0, 1] (max {hi:.3g}) but rescale is 1/255, which expects [0, 255] "
+                "pixels: float images must be in [0, 255] unless rescale is given (pass rescale=1.0 for images "
+                "already in [0, 1])"
+            )
 
     def grid_thw(self, imgs: list[torch.Tensor]) -> torch.Tensor:
         """Checked images -> `[B, 3]` int64 (1, H/P, W/P) per image, on the images' device."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import _validate
 from engine import patch_geometry as _patch_geometry
 from engine.grpo_options import KL_TYPES as _GRPO_KL_TYPES
 
@@ -20,14 +21,18 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, temperature: floa
     Materializes fp32 [..., V] intermediates: the memory the kernels exist to avoid.
     """
     z = logits.float() / temperature
+    # +inf logits, or finite ones that overflow to +-inf when divided by temperature: ValueError
+    _validate.check_rows_finite_max(z.reshape(-1, z.shape[-1]).amax(-1) if z.numel() else z.new_empty(0),
+                                    lambda r: logits.reshape(-1, logits.shape[-1])[r], temperature)
     logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
     p = logsm.exp()
-    # a masked entry (z = -inf, p = 0) adds 0, not NaN; zeroing z (not the product) keeps backward finite
-    pz = p * torch.where(p > 0, z, torch.zeros_like(z))
-    entropy = torch.logsumexp(z, dim=-1) - pz.sum(-1)
+    # entropy = -sum p * log p with log p = log_softmax(z): no cancellation against the logits' offset
+    # (lse - sum p*z loses everything for [1e30, 1e30, 3]: log 2 is below 1e30's ulp). A masked entry
+    # (p = 0, log p = -inf) adds 0, not NaN; zeroing log p (not the product) keeps backward finite.
+    entropy = -(p * torch.where(p > 0, logsm, torch.zeros_like(logsm))).sum(-1)
     return logp, entropy
 
 
@@ -59,27 +64,38 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     (N - 1; a group of one has std 0). scale="batch": std of the whole batch; "none": r - mean_g only.
     Values are shifted by the group's (batch's) first reward before averaging, so a group of equal
     rewards gives exactly 0, not rounding noise divided by eps.
+    Computed in fp64 from the rewards rounded to fp32 (what the kernels do): no intermediate
+    overflows for any finite fp32 rewards (e.g. +-3e38). Where std + eps is 0 (eps = 0 and a flat
+    group or batch) adv is 0. Non-finite rewards are refused by the wrapper (`check_finite_rewards`).
     """
     with torch.no_grad():
-        r = rewards.detach().float().reshape(-1, group_size)
+        _validate.check_finite("rewards", rewards.detach().float(), "(in fp32, the kernels' precision)")
+        flat = rewards.detach().float().double().reshape(-1)
+        r = flat.reshape(-1, group_size)
         d = r - r[:, :1]
         centered = d - d.mean(-1, keepdim=True)
         if scale == "none":
-            return centered.reshape(-1)
+            return centered.reshape(-1).float()
         if scale == "group":
             std = (centered.square().sum(-1, keepdim=True) / max(group_size - 1, 1)).sqrt()
         else:  # "batch": one std over all B rewards
-            flat = rewards.detach().float().reshape(-1)
             fd = flat - flat[:1]
             fc = fd - fd.mean()
             std = (fc.square().sum() / max(flat.numel() - 1, 1)).sqrt()
-        return (centered / (std + eps)).reshape(-1)
+        den = std + eps
+        adv = torch.where(den > 0, centered / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(centered))
+        return adv.reshape(-1).float()
 
 
 def _grpo_safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     # num / den where den > 0, else 0 (an empty mask contributes 0, and its gradient is 0, not NaN)
     ok = den > 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _grpo_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # values * mask where mask != 0, else exactly 0: a masked-out token affects nothing, even a NaN/inf one
+    return torch.where(mask != 0, values * mask, torch.zeros_like(values))
 
 
 def grpo_agg(values: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
@@ -90,7 +106,7 @@ def grpo_agg(values: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.T
     EasyR1's `average_loss(mode="seq")`), sum(v*m) (token-sum) or sum(v*m)/T (token-sum-norm, Dr.GRPO).
     """
     B, T = values.shape
-    vm = values * mask
+    vm = _grpo_masked(values, mask)
     if loss_agg == "token-mean":
         return _grpo_safe_div(vm.sum(), mask.sum())
     row = vm.sum(-1)
@@ -147,6 +163,12 @@ def grpo_loss(
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
     m = mask.detach().float()
+    # masked-out tokens must affect nothing (not even through 0 * NaN, forward or backward): their
+    # inputs are replaced by 0 before any arithmetic, and every masked sum selects (not multiplies)
+    on = m != 0
+    lp = torch.where(on, lp, torch.zeros_like(lp))
+    old = torch.where(on, old, torch.zeros_like(old))
+    adv = torch.where(on, adv, torch.zeros_like(adv))
     ratio = torch.exp((lp - old).clamp(-20.0, 20.0))
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -159,16 +181,17 @@ def grpo_loss(
     loss = grpo_agg(pg, m, loss_agg)
     kl = None
     if ref_logp is not None:
-        kl = grpo_kl(lp, ref_logp.detach().float(), kl_type)
+        ref = ref_logp.detach().float()
+        kl = grpo_kl(lp, torch.where(on, ref, torch.zeros_like(ref)), kl_type)
         loss = loss + kl_coef * grpo_agg(kl, m, loss_agg)
     with torch.no_grad():
         n = m.sum()
         zero = torch.zeros((), dtype=torch.float32, device=lp.device)
         metrics = {
-            "clipfrac_high": _grpo_safe_div((high_hit * m).sum(), n),
-            "clipfrac_low": _grpo_safe_div((low_hit * m).sum(), n),
-            "ppo_kl": zero.clone() if old_logp is None else _grpo_safe_div(((old - lp) * m).sum(), n),
-            "kl": zero.clone() if kl is None else _grpo_safe_div((kl * m).sum(), n),
+            "clipfrac_high": _grpo_safe_div(_grpo_masked(high_hit, m).sum(), n),
+            "clipfrac_low": _grpo_safe_div(_grpo_masked(low_hit, m).sum(), n),
+            "ppo_kl": zero.clone() if old_logp is None else _grpo_safe_div(_grpo_masked(old - lp, m).sum(), n),
+            "kl": zero.clone() if kl is None else _grpo_safe_div(_grpo_masked(kl, m).sum(), n),
         }
     return loss, metrics
 

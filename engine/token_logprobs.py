@@ -72,7 +72,10 @@ def token_logprobs_op(
         # the CUDA and Triton kernels cannot raise from the device (the C++ kernel checks ids itself)
         _validate.check_ids_in_range("ids", ids, logits.shape[-1])
     fwd = kernels.get("token_logprobs_fwd", backend)
-    return fwd(logits=logits, ids=ids, temperature=temperature, return_entropy=return_entropy)
+    logp, entropy, stats = fwd(logits=logits, ids=ids, temperature=temperature, return_entropy=return_entropy)
+    # one rule for every backend: a +inf logit, or a temperature that overflows z, raises ValueError
+    _validate.check_rows_finite_max(stats[:, 0], lambda r: logits[r], temperature)
+    return logp, entropy, stats
 
 
 def empty_row_outputs(like: torch.Tensor, n: int, return_entropy: bool):

@@ -4,6 +4,7 @@
     ckpt.save(step, policy, state, world=world, optimizer=opt, rng=rng_state())
                                                        # -> root/step_0000040, then `latest` -> it
     path = ckpt.latest()                               # newest complete checkpoint or None
+    path = resolve_model_path("runs/stage2")           # --model: HF, stage or checkpoints folder, or `latest`
     state = load_trainer_state(path)                   # step, data position, schedule, config
     ckpt.load_optimizer(path, model, opt, state)       # at any world size
     rng = ckpt.load_rng(path, rank)                    # this rank's RNG streams, or None
@@ -59,9 +60,51 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _chmod_add(path: str, bits: int) -> None:
+    try:
+        os.chmod(path, os.stat(path).st_mode & 0o7777 | bits)
+    except OSError:  # another node's user wrote it: leave it as it is
+        pass
+
+
+def _make_readable(folder: str) -> None:
+    """Let other users and containers read a checkpoint: folders gain 0755, files 0644 (mkdtemp
+    and mkstemp create 0700 / 0600, and a tight umask does the same to save_pretrained's files)."""
+    for dirpath, dirs, files in os.walk(folder):
+        _chmod_add(dirpath, 0o755)
+        for name in files:
+            _chmod_add(os.path.join(dirpath, name), 0o644)
+
+
 def _is_complete(path: str) -> bool:
     has_state = any(os.path.isfile(os.path.join(path, f)) for f in (STATE_FILE, LEGACY_STATE_FILE))
     return has_state and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _complete_steps(root: str) -> list[int]:
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and _is_complete(os.path.join(root, name)):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def find_latest(root: str | os.PathLike) -> str | None:
+    """The checkpoint under `root` that its `latest` pointer names, or the newest complete one if
+    the pointer is missing or stale; None when there is none (or no `root`). Creates nothing."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return None
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        cand = os.path.join(root, name)
+        if name and _is_complete(cand):
+            return cand
+    steps = _complete_steps(root)
+    return os.path.join(root, f"step_{steps[-1]:07d}") if steps else None
 
 
 class Checkpointer:
@@ -80,27 +123,14 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
-        out = []
-        for name in os.listdir(self.root):
-            m = _STEP_DIR.match(name)
-            if m and _is_complete(os.path.join(self.root, name)):
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return _complete_steps(self.root)
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, f"step_{step:07d}")
 
     def latest(self) -> str | None:
         """The checkpoint `latest` names, or the newest complete one if the pointer is missing/stale."""
-        pointer = os.path.join(self.root, LATEST)
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                name = f.read().strip()
-            cand = os.path.join(self.root, name)
-            if name and _is_complete(cand):
-                return cand
-        steps = self.steps()
-        return self.path(steps[-1]) if steps else None
+        return find_latest(self.root)
 
     def save(self, step: int, policy, state: dict, *, world=None, optimizer=None, rng: dict | None = None) -> str:
         """Write checkpoint `step` atomically, point `latest` at it, prune old ones -> its path.
@@ -134,11 +164,12 @@ class Checkpointer:
                 json.dump(state, f, indent=1)
         world.barrier()  # every rank's files are in tmp
         if world.is_main:
+            _make_readable(tmp)
+            _chmod_add(self.root, 0o755)
             _fsync_tree(tmp)
             if os.path.exists(final):  # a re-run of the same step: move the old one out of the way first
                 self._trash(final)
             os.rename(tmp, final)
-            os.chmod(final, 0o755)  # mkdtemp makes 0700: let other users and containers read it
             _fsync_dir(self.root)
             self._point_latest(os.path.basename(final))
             self._prune(keep_name=os.path.basename(final))
@@ -175,6 +206,7 @@ class Checkpointer:
 
     def _point_latest(self, name: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=self.root)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             f.write(name + "\n")
             f.flush()
@@ -201,6 +233,47 @@ class Checkpointer:
         for s in self.steps():
             self._trash(self.path(s))
         self.sweep()
+
+
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """What `--model PATH` names -> an HF model folder. PATH may be an HF folder, a stage folder
+    (OUT/stageK: its latest checkpoint), a checkpoints folder (its latest checkpoint) or the
+    `latest` pointer file in one. ValueError saying what was found otherwise."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.basename(path) == LATEST:
+        root = os.path.dirname(os.path.abspath(path))
+        found = find_latest(root)
+        if found is None:
+            raise ValueError(f"--model {path}: names no complete checkpoint in {root}")
+        return found
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path}: no such folder")
+    if _is_hf_folder(path):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root) and (os.path.isfile(os.path.join(root, LATEST)) or
+                                    any(_STEP_DIR.match(n) for n in os.listdir(root))):
+            found = find_latest(root)
+            if found is None:
+                raise ValueError(f"--model {path}: {root} holds no complete checkpoint (a run killed before its first save?)")
+            return found
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"--model {path}: {os.path.join(path, 'checkpoints')} holds no checkpoint yet")
+    raise ValueError(f"--model {path}: not a model folder (no config.json with model weights), a stage folder "
+                     f"(OUT/stageK with checkpoints/) or a checkpoints folder")
+
+
+def _is_hf_folder(path: str) -> bool:
+    """config.json of a model (not a stage's TrainConfig) beside its weights."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "model_type" in doc
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:

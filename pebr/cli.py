@@ -116,3 +116,24 @@ def given(args: argparse.Namespace, dests: dict[str, str]) -> dict:
             out[name] = tuple(value) if isinstance(value, list) else value
     return out
 
+
+
+def check_device(device: str) -> str:
+    """`--device` checked here, before anything is loaded: cpu, cuda or cuda:N, and CUDA must be
+    usable for the latter two -> the device string; ValueError with one sentence otherwise."""
+    import re
+
+    import torch
+
+    d = str(device).strip()
+    m = re.fullmatch(r"cuda(?::(\d+))?", d)
+    if d != "cpu" and not m:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N")
+    if m:
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {d}: CUDA is not available here ({why}); use --device cpu")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise ValueError(f"--device {d}: only {torch.cuda.device_count()} CUDA device(s) visible (cuda:0.."
+                             f"cuda:{torch.cuda.device_count() - 1})")
+    return d

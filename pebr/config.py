@@ -80,14 +80,15 @@ class TrainConfig:
 
     stage: int = opt(1, "0 warm-up SFT, 1 perception GRPO (easy split), 2 reasoning GRPO (medium split)", choices=STAGES)
     preset: str = opt("tiny", "tiny: sized for a 2-core CPU; paper: the paper's values (Qwen2.5-VL-7B on GPUs); see docs/recipe.md")
-    model: str | None = opt(None, "HF folder (safetensors) to start from; none: the previous stage's output, or the built-in tiny policy for stage 0")
+    model: str | None = opt(None, "HF folder (safetensors) to start from, or a stage folder (OUT/stageK) or checkpoints folder: its latest checkpoint; none: the previous stage's output, or the built-in tiny policy for stage 0")
     data: str | None = opt(None, "JSON/JSONL/parquet records (images, problem, answer, key_words); none: built-in procedural tasks")
     output_dir: str = opt("runs", "stage k writes OUT/stage{k}; sampling is cached in OUT/sampling")
     seed: int = opt(0, "seed of model init, data order and sampling")
-    max_steps: int | None = opt(None, "optimizer steps to run; none: the epochs below")
+    max_steps: int | None = opt(None, "optimizer steps of this stage; none: the epochs below (a warm-up run first "
+                                      "by stage 1 is sized by the --sft-* flags)")
     resume: bool = opt(False, "continue from OUT/stage{k}'s latest checkpoint (same data order and RNG)")
     dtype: str = opt("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
-    device: str = opt("cpu", "cpu or cuda (the command line picks cuda when available)")
+    device: str = opt("cpu", "cpu, cuda or cuda:N (the command line picks cuda when available)")
 
     # -- scale-out (docs/recipe.md)
     dist_backend: str = opt("auto", "torch.distributed backend: auto = nccl on CUDA, gloo on CPU", choices=("auto", "nccl", "gloo"))
@@ -128,13 +129,14 @@ class TrainConfig:
     save_every: int = opt(50, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones removed)")
     progress: bool = opt(True, "tqdm progress bar with the running reward")
+    log_every: int = opt(10, "one line per this many steps (step, reward, accuracy, loss, kl, step time) to the log and train.log")
 
     sft: SFTConfig = field(default_factory=SFTConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
         check_choices(self)
-        for name in ("group_size", "rollout_batch", "mini_batch", "micro_batch", "ppo_epochs", "epochs", "max_new_tokens", "save_every"):
+        for name in ("group_size", "rollout_batch", "mini_batch", "micro_batch", "ppo_epochs", "epochs", "max_new_tokens", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_batch % self.mini_batch != 0:

@@ -1,7 +1,9 @@
 """`python -m pebr.eval --model DIR [--data PATH]`: accuracy with the training grader, by task type.
 
-Without --data: held-out procedural items (seed 999, distinct from every training pool).
-Greedy decoding by default. Responses are saved as JSONL (--output).
+DIR: an HF folder, a stage folder (runs/stage2: its latest checkpoint), a checkpoints folder or
+its `latest` file. Without --data: held-out procedural items (seed 999, distinct from every
+training pool). Greedy decoding by default. Responses are saved as JSONL (--output; default
+OUT/eval/, OUT the run folder --output-dir).
 """
 from __future__ import annotations
 
@@ -56,19 +58,29 @@ def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: floa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pebr.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="HF folder (a checkpoint folder works)")
+    p.add_argument("--model", required=True,
+                   help="HF folder, stage folder (OUT/stageK: its latest checkpoint), checkpoints folder or its `latest` file")
     p.add_argument("--data", default=None, help="JSON/JSONL/parquet records (default: held-out procedural items)")
     add_fields(p, EvalConfig, only=("num_items", "kind", "seed", "temperature", "max_new_tokens"))
-    p.add_argument("--output", default=None, help="responses JSONL (default: runs/eval/<model path>_<kind>.jsonl)")
+    p.add_argument("--output", default=None, help="responses JSONL (default: OUT/eval/<model path>_<kind>.jsonl)")
+    p.add_argument("--output-dir", default="runs", help="the run folder OUT, as for pebr.train (default: runs)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", default=device, help=f"cpu or cuda (default: {device})")
+    p.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pebr import tasks
+    from pebr.checkpoint import resolve_model_path
+    from pebr.cli import check_device
     from pebr.policy import load_policy
+
+    try:
+        check_device(args.device)
+        model = resolve_model_path(args.model)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
 
     if args.data:
         from pebr.data import load_records
@@ -87,18 +99,20 @@ def main(argv=None) -> int:
 
     world = init_world(device=args.device)
     torch.manual_seed(world.rank)
-    policy = load_policy(args.model, device=world.device)
+    policy = load_policy(model, device=world.device)
     summary, records = evaluate(policy, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 world=world)
     world.close()
     if not world.is_main:
         return 0
-    slug = os.path.normpath(args.model).strip(os.sep).replace(os.sep, "_")
-    out = args.output or os.path.join("runs", "eval", f"{slug}_{'data' if args.data else args.kind}.jsonl")
+    rel = os.path.relpath(model)
+    slug = os.path.normpath(model if rel.startswith("..") else rel).strip(os.sep).replace(os.sep, "_")
+    out = args.output or os.path.join(args.output_dir, "eval", f"{slug}_{'data' if args.data else args.kind}.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    print(f"model {model}")
     print(f"accuracy {summary['accuracy']:.3f} (format {summary['format']:.3f}) on {summary['n']} items")
     for t, s in summary["by_type"].items():
         print(f"  {t:28s} {s['accuracy']:.3f}  (n={s['n']})")

@@ -1,7 +1,9 @@
 """`python -m pebr.sample`: dataset-level sampling on its own (the trainer runs it too, cached).
 
 k rollouts per item, each graded by accuracy; items with k/k correct are easy, 1..k-1 medium,
-0 hard. Writes OUT/rollouts.jsonl (one line per response) and OUT/splits.json (counts, ids).
+0 hard. Writes OUT/sampling/rollouts.jsonl (one line per response) and OUT/sampling/splits.json
+(counts, ids, and the settings it was drawn with): the cache `python -m pebr.train --stage 1
+--output-dir OUT` reuses when its model, items, k, temperature, top_p and max_new_tokens match.
 """
 from __future__ import annotations
 
@@ -11,33 +13,52 @@ import sys
 
 import torch
 
-from pebr.cli import add_fields
+from pebr.cli import add_fields, check_device
 from pebr.config import SamplingConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pebr.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF folder (default: the latest stage-0 checkpoint under runs/)")
+    p.add_argument("--model", default=None,
+                   help="HF folder, stage folder (OUT/stageK) or checkpoints folder (default: OUT/stage0's latest checkpoint)")
     p.add_argument("--data", default=None, help="JSON/JSONL/parquet records (default: built-in procedural items)")
     add_fields(p, SamplingConfig, shown=SamplingConfig(num_items=128), aliases={"k": ["-k"]},
                only=("num_items", "seed", "k", "temperature", "top_p", "batch_prompts"))
     p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens (default: 96)")
-    p.add_argument("--output-dir", default="runs/sampling", help="where rollouts.jsonl and splits.json go (default: runs/sampling)")
+    p.add_argument("--output-dir", default="runs",
+                   help="the run folder OUT, as for pebr.train: the result goes to OUT/sampling (a path that ends in "
+                        "'sampling' is taken as that folder itself) (default: runs)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", default=device, help=f"cpu or cuda (default: {device})")
+    p.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
     return p
+
+
+def sampling_folder(output_dir: str) -> str:
+    """OUT/sampling; `--output-dir runs/sampling` (the flag's former meaning) stays that folder."""
+    return output_dir if os.path.basename(os.path.normpath(output_dir)) == "sampling" else os.path.join(output_dir, "sampling")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pebr import tasks
-    from pebr.checkpoint import Checkpointer
+    from pebr.checkpoint import find_latest, resolve_model_path
     from pebr.policy import load_policy
     from pebr.sampling import sample_dataset, write_sampling
+    from pebr.stages import _seed_all
 
-    model = args.model or Checkpointer(os.path.join("runs", "stage0", "checkpoints")).latest()
-    if not model:
-        raise SystemExit("error: no --model and no stage-0 checkpoint under runs/stage0; run `python -m pebr.train --stage 0` first")
+    folder = sampling_folder(args.output_dir)
+    run_dir = os.path.dirname(os.path.normpath(folder)) or "."
+    try:
+        check_device(args.device)
+        if args.model:
+            model = resolve_model_path(args.model)
+        else:
+            model = find_latest(os.path.join(run_dir, "stage0", "checkpoints"))
+            if not model:
+                raise ValueError(f"no --model and no stage-0 checkpoint under {os.path.join(run_dir, 'stage0')}; "
+                                 f"run `python -m pebr.train --stage 0 --output-dir {run_dir}` first")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     if args.data:
         from pebr.data import load_records
 
@@ -51,7 +72,7 @@ def main(argv=None) -> int:
     from pebr.distributed import init_world
 
     world = init_world(device=args.device)
-    torch.manual_seed(args.seed + 1_000_003 * world.rank)
+    _seed_all(args.seed, world.rank)
     policy = load_policy(model, device=world.device)
     result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,
@@ -59,11 +80,15 @@ def main(argv=None) -> int:
     world.close()
     if not world.is_main:
         return 0
-    write_sampling(result, args.output_dir, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k})
+    # the keys pebr.stages.ensure_sampling compares before reusing this sampling
+    write_sampling(result, folder, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k,
+                                         "num_items": len(items), "temperature": args.temperature,
+                                         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                                         "seed": args.seed})
     n = len(items)
     counts = result.counts
     print(f"{n} items x k={args.k}: " + ", ".join(f"{s} {c} ({100 * c / n:.0f}%)" for s, c in counts.items()))
-    print(f"wrote {os.path.join(args.output_dir, 'rollouts.jsonl')} and {os.path.join(args.output_dir, 'splits.json')}")
+    print(f"wrote {os.path.join(folder, 'rollouts.jsonl')} and {os.path.join(folder, 'splits.json')}")
     return 0
 
 

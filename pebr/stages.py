@@ -152,10 +152,10 @@ def run_sft(cfg, world: World | None = None) -> str:
         ckpts.sweep()
     world.barrier()
     items = load_items(cfg, purpose="sft")
-    log.info(f"stage 0 (warm-up SFT): {len(items)} items, {cfg.sft.epochs} epochs, lr {cfg.sft.lr}, "
-             f"model {cfg.model or 'built-in tiny policy'}")
     trainer = SFTTrainer(cfg, policy=policy, items=items, run_dir=sdir, log=log.info,
                          metrics_log=_metrics_log(sdir, fresh=not latest, world=world), world=world)
+    log.info(f"stage 0 (warm-up SFT): {trainer.total_steps} steps ({len(items)} items, {cfg.sft.epochs} epochs, "
+             f"batch {cfg.sft.batch_size}), lr {cfg.sft.lr}, model {cfg.model or 'built-in tiny policy'}")
     if latest:
         trainer.resume_from(latest)
     hist = trainer.train()
@@ -178,15 +178,51 @@ def resolve_init_model(cfg, world: World | None = None) -> str:
     if path:
         return path
     if cfg.stage == 1:
-        log.info(f"no stage-0 policy under {stage_dir(cfg, 0)}: running the warm-up SFT first")
-        sft_cfg = dataclasses.replace(C.preset(cfg.preset, 0), output_dir=cfg.output_dir, seed=cfg.seed,
-                                      device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, data=cfg.data,
-                                      dist_backend=cfg.dist_backend, cpu_offload=cfg.cpu_offload,
-                                      gradient_checkpointing=cfg.gradient_checkpointing)
+        sft_cfg = warmup_config(cfg)
+        log.info(f"no stage-0 policy under {stage_dir(cfg, 0)}: running first the warm-up SFT (stage 0): "
+                 f"{_sft_plan(sft_cfg)}, then dataset-level sampling: {_sampling_plan(cfg)}"
+                 + (f"; --max-steps {cfg.max_steps} counts stage-1 steps only" if cfg.max_steps is not None else ""))
         path = run_sft(sft_cfg, world)
         _setup_logging(stage_dir(cfg), world)
         return path
     raise SystemExit(f"error: no stage-{prev} policy under {stage_dir(cfg, prev)}; run --stage {prev} first or pass --model")
+
+
+def warmup_config(cfg) -> "C.TrainConfig":
+    """The stage-0 config stage 1 runs first when there is no warm-up policy: the preset's stage 0
+    with this run's settings (its --sft-* flags, data, seed, device, ...). --max-steps is stage 1's."""
+    return dataclasses.replace(C.preset(cfg.preset, 0), output_dir=cfg.output_dir, seed=cfg.seed,
+                               device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, data=cfg.data,
+                               dist_backend=cfg.dist_backend, cpu_offload=cfg.cpu_offload,
+                               gradient_checkpointing=cfg.gradient_checkpointing, sft=cfg.sft,
+                               sampling=cfg.sampling, log_every=cfg.log_every, keep_checkpoints=cfg.keep_checkpoints)
+
+
+def _sft_plan(cfg) -> str:
+    """'N steps (items x epochs / batch)' of a warm-up, before it is built."""
+    s = cfg.sft
+    if cfg.data:
+        return f"{s.epochs} epochs over the --data records in batches of {s.batch_size}"
+    steps = s.epochs * -(-s.num_items // s.batch_size)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    return f"{steps} steps ({s.num_items} items x {s.epochs} epochs / batch {s.batch_size}; --sft-items, --sft-epochs, --sft-batch)"
+
+
+def _sampling_plan(cfg) -> str:
+    s = cfg.sampling
+    n = "the --data records" if cfg.data else f"{s.num_items} items"
+    return f"{n} x k={s.k} (--sampling-items, --sampling-k)"
+
+
+def _sampling_meta(cfg, init_model: str, items: list) -> dict:
+    """What a cached sampling must match to be reused (and the seed it was drawn with)."""
+    s = cfg.sampling
+    return {"model": os.path.abspath(init_model), "data": cfg.data, "k": s.k, "num_items": len(items),
+            "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+
+
+SAMPLING_SETTINGS = ("temperature", "top_p", "max_new_tokens")
 
 
 def ensure_sampling(cfg, init_model: str, items: list, world: World | None = None) -> dict:
@@ -198,18 +234,35 @@ def ensure_sampling(cfg, init_model: str, items: list, world: World | None = Non
 
     folder = os.path.join(cfg.output_dir, "sampling")
     s = cfg.sampling
-    meta = {"model": os.path.abspath(init_model), "data": cfg.data, "k": s.k, "num_items": len(items),
-            "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": cfg.max_new_tokens}
+    meta = _sampling_meta(cfg, init_model, items)
     cached = read_splits(folder)
     ids = {it.id for it in items}
+    why = "none cached"
     if cached is not None:
+        cached_meta = cached.get("meta", {})
         cached_ids = set(cached["easy"]) | set(cached["medium"]) | set(cached["hard"])
-        same_model = cached.get("meta", {}).get("model") == meta["model"]
-        # Stage 1 samples with its starting policy; stage 2 reuses that sampling (the paper samples once).
-        if cached_ids == ids and cached.get("k") == s.k and (same_model or cfg.stage == 2):
+        differ = [f"{k} {cached_meta.get(k)} (now {meta[k]})" for k in SAMPLING_SETTINGS if cached_meta.get(k) != meta[k]]
+        same_model = cached_meta.get("model") == meta["model"]
+        if cached_ids != ids:
+            why = "its items differ"
+        elif cached.get("k") != s.k:
+            why = f"it used k={cached.get('k')} (now {s.k})"
+        elif not same_model and cfg.stage != 2:
+            why = f"it sampled {cached_meta.get('model')}"
+        elif differ and cfg.stage != 2:
+            why = "it used " + ", ".join(differ)
+        else:
+            # Stage 1 samples with its starting policy; stage 2 reuses that sampling (the paper samples once).
             log.info(f"dataset-level sampling: cached in {folder}: {cached['counts']}")
+            if differ:
+                log.info(f"  note: the cached sampling used {', '.join(differ)}; stage 2 reuses stage 1's sampling "
+                         f"(delete {folder} to sample again)")
             return cached
+        log.info(f"dataset-level sampling cached in {folder} is not reused: {why}")
+    log.info(f"dataset-level sampling: {_sampling_plan(cfg)}, T={s.temperature}, top_p {s.top_p}, "
+             f"max_new_tokens {cfg.max_new_tokens}, with {init_model}")
     policy = load_policy(init_model, dtype=_dtype(cfg), device=world.device)
+    _seed_all(cfg.seed, world.rank)  # reproducible splits: the run's seed, a distinct stream per rank
     t0 = time.perf_counter()
     res = sample_dataset(policy, items, k=s.k, temperature=s.temperature, top_p=s.top_p,
                          max_new_tokens=cfg.max_new_tokens, batch_prompts=s.batch_prompts,
@@ -285,25 +338,33 @@ def run_grpo(cfg, world: World | None = None) -> str:
         with open(os.path.join(sdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
     world.barrier()
-    log.info(f"stage {cfg.stage} ({C.STAGE_NAMES[cfg.stage]}): {len(train_items)} items (split {cfg.train_split!r}), "
-             f"from {init_model}; n={cfg.group_size}, {cfg.rollout_batch} prompts/step, lr {cfg.lr}, "
-             f"T={cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, {world.world_size} rank(s)")
     trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=train_items, reward_fn=make_reward_fn(cfg),
                           run_dir=sdir, init_model=init_model, log=log.info,
                           metrics_log=_metrics_log(sdir, fresh=not latest, world=world), world=world)
+    log.info(f"stage {cfg.stage} ({C.STAGE_NAMES[cfg.stage]}): {trainer.total_steps} steps, "
+             f"{len(train_items)} items (split {cfg.train_split!r}), "
+             f"from {init_model}; n={cfg.group_size}, {cfg.rollout_batch} prompts/step, lr {cfg.lr}, "
+             f"T={cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, {world.world_size} rank(s)")
     if latest:
         trainer.resume_from(latest)
     t0 = time.perf_counter()
     hist = trainer.train()
     if hist:
-        r = [m["reward/overall"] for m in hist]
-        k = min(10, len(r))
-        log.info(f"stage {cfg.stage} done: {len(hist)} steps in {time.perf_counter() - t0:.0f}s; "
-                 f"reward/overall first {k} {sum(r[:k]) / k:.3f} -> last {k} {sum(r[-k:]) / k:.3f}; "
-                 f"accuracy last {k} {sum(m['accuracy'] for m in hist[-k:]) / k:.3f}")
+        log.info(f"stage {cfg.stage} done: {len(hist)} steps in {time.perf_counter() - t0:.0f}s; " + grpo_summary(hist))
     path = ckpts.latest()
     log.info(f"stage {cfg.stage} policy: {path}")
     return path
+
+
+def grpo_summary(hist: list[dict]) -> str:
+    """Reward of the first vs the last steps (at most 10 each, never overlapping) and accuracy."""
+    r = [m["reward/overall"] for m in hist]
+    a = [m["accuracy"] for m in hist]
+    if len(r) == 1:
+        return f"reward/overall {r[0]:.3f}, accuracy {a[0]:.3f} (1 step)"
+    k = min(10, len(r) // 2)
+    return (f"reward/overall first {k} {sum(r[:k]) / k:.3f} -> last {k} {sum(r[-k:]) / k:.3f}; "
+            f"accuracy last {k} {sum(a[-k:]) / k:.3f}")
 
 
 def run(cfg, world: World | None = None) -> str:

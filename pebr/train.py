@@ -8,7 +8,8 @@ With no --model, stage 1 starts from OUT/stage0's latest checkpoint and builds i
 is none (warm-up SFT of the built-in tiny policy); stage 2 starts from OUT/stage1. Dataset-level
 sampling (k rollouts per item, easy/medium/hard) runs once and is cached in OUT/sampling.
 Each stage folder holds checkpoints/ (HF folders + trainer state, `latest`), metrics.jsonl
-(one line per step) and train.log.
+(one line per step) and train.log. --model takes an HF folder, a stage folder (OUT/stageK: its
+latest checkpoint), a checkpoints folder or its `latest` file.
 
 Data parallel on one machine or many (FSDP2; nccl on CUDA, gloo on CPU):
     torchrun --nproc-per-node 8 -m pebr.train --stage 2 ...
@@ -25,7 +26,8 @@ import torch
 
 from pebr import config as C
 from pebr import stages
-from pebr.cli import add_fields, field_help, given
+from pebr.checkpoint import resolve_model_path
+from pebr.cli import add_fields, check_device, field_help, given
 from pebr.stages import run, stage_dir  # noqa: F401  (scripts import them from here)
 
 log = logging.getLogger("pebr")
@@ -34,7 +36,7 @@ log = logging.getLogger("pebr")
 # ---- command line (flags generated from the config fields: pebr.cli)
 
 _RUN = ("model", "data", "output_dir", "max_steps", "resume", "seed", "device", "dtype", "save_every",
-        "keep_checkpoints", "progress")
+        "keep_checkpoints", "progress", "log_every")
 _SCALE_OUT = ("dist_backend", "cpu_offload", "gradient_checkpointing")
 _ALIASES = {"group_size": ["-n"]}
 _SFT_ALIASES = {"num_items": ["--sft-items"], "batch_size": ["--sft-batch"]}  # the flags' first names
@@ -109,6 +111,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
+        check_device(cfg.device)
+        if cfg.model:
+            cfg = dataclasses.replace(cfg, model=resolve_model_path(cfg.model))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     from transformers.utils import logging as hf_logging

@@ -71,8 +71,11 @@ class Trainer:
         self.metrics_log = metrics_log if self.world.is_main else None
         model = policy.model
         set_vision_trainable(model, not freeze_vision)
-        if getattr(cfg, "gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(cfg, "gradient_checkpointing", False):  # decoder layers and vision blocks recompute in backward
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.runner = None
         if self.world.distributed:
             from pebr.fsdp import shard_model
@@ -133,27 +136,51 @@ class Trainer:
     def progress_postfix(self, metrics: dict) -> dict:
         return {}
 
-    def train(self) -> list[dict]:
-        """Run until `total_steps`; checkpoint every `save_every` steps and at the end."""
-        cfg = self.cfg
-        bar = None
-        if cfg.progress and self.world.is_main:
-            from tqdm.auto import tqdm
+    def step_line(self, m: dict) -> str:
+        """One compact line of a step's metrics: what `log_every` writes to the log and train.log."""
+        parts = [f"step {m['step']}/{self.total_steps}"]
+        for key, name in (("reward/overall", "reward"), ("accuracy", "acc"), ("loss", "loss"), ("kl", "kl")):
+            if isinstance(m.get(key), (int, float)):
+                parts.append(f"{name} {m[key]:.4g}")
+        if m.get("skipped"):
+            parts.append("update skipped")
+        parts.append(f"{m.get('step_time_s', 0.0):.2f}s/step")
+        return " ".join(parts)
 
+    def train(self) -> list[dict]:
+        """Run until `total_steps`; checkpoint every `save_every` steps and at the end; a line of
+        metrics to the log every `log_every` steps (and at the last step)."""
+        cfg = self.cfg
+        every = max(1, int(getattr(cfg, "log_every", 10)))
+        bar, redirect = None, None
+        if cfg.progress and self.world.is_main:
+            import logging
+
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm(loggers=[logging.getLogger("pebr")])  # log lines above the bar
+            redirect.__enter__()
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step")
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            metrics["world_size"] = self.world.world_size
-            self.history.append(metrics)
-            if self.metrics_log is not None:
-                self.metrics_log.append(metrics)
-            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                self.save()
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                metrics["world_size"] = self.world.world_size
+                self.history.append(metrics)
+                if self.metrics_log is not None:
+                    self.metrics_log.append(metrics)
+                if self.step % every == 0 or self.step == self.total_steps:
+                    self.log(self.step_line(metrics))
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save()
+                if bar is not None:
+                    bar.set_postfix(**self.progress_postfix(metrics))
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.set_postfix(**self.progress_postfix(metrics))
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
+            if redirect is not None:
+                redirect.__exit__(None, None, None)
         return self.history
 
     def train_step(self) -> dict:

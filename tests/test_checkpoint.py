@@ -104,3 +104,27 @@ def test_sigkill_then_resume(tmp_path, tiny_folder):
     assert not [n for n in os.listdir(ck.root) if n.startswith(".tmp-") or n.startswith(".trash-")]
     with open(out / "stage1" / "config.json") as f:
         assert json.load(f)["resume"] is True
+
+
+def test_checkpoint_is_readable_by_others(tmp_path, tiny_folder):
+    """Every file and folder of a checkpoint, and the `latest` pointer, readable by other users,
+    even under a tight umask (mkdtemp/mkstemp make 0700/0600)."""
+    import stat
+
+    policy = load_policy(tiny_folder)
+    old = os.umask(0o077)
+    try:
+        ck = Checkpointer(tmp_path / "ck")
+        opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+        path = ck.save(1, policy, {"step": 1}, optimizer=opt, rng={"x": 1})
+    finally:
+        os.umask(old)
+    seen = 0
+    for dirpath, _, files in os.walk(path):
+        assert stat.S_IMODE(os.stat(dirpath).st_mode) & 0o755 == 0o755, dirpath
+        for name in files:
+            assert stat.S_IMODE(os.stat(os.path.join(dirpath, name)).st_mode) & 0o644 == 0o644, name
+            seen += 1
+    assert seen >= 5 and os.path.isdir(os.path.join(path, "optimizer"))
+    assert stat.S_IMODE(os.stat(os.path.join(ck.root, "latest")).st_mode) & 0o644 == 0o644
+    assert stat.S_IMODE(os.stat(ck.root).st_mode) & 0o755 == 0o755

@@ -77,17 +77,19 @@ NEW_TRAIN_FLAGS = [
     ("--sampling-num-items", ["20"], "sampling.num_items", 20),
     ("--sampling-top-p", ["0.5"], "sampling.top_p", 0.5),
     ("--sampling-seed", ["9"], "sampling.seed", 9),
+    ("--log-every", ["3"], "log_every", 3),
 ]
 
 # pebr.sample and pebr.eval before: flag -> (argparse dest, default).
 SAMPLE_FLAGS = {"--model": ("model", None), "--data": ("data", None), "--num-items": ("num_items", 128),
                 "--seed": ("seed", 1), "-k": ("k", 8), "--k": ("k", 8), "--temperature": ("temperature", 1.2),
                 "--top-p": ("top_p", 0.99), "--max-new-tokens": ("max_new_tokens", 96),
-                "--batch-prompts": ("batch_prompts", 16), "--output-dir": ("output_dir", "runs/sampling"),
+                "--batch-prompts": ("batch_prompts", 16), "--output-dir": ("output_dir", "runs"),
                 "--device": ("device", None)}
 EVAL_FLAGS = {"--model": ("model", None), "--data": ("data", None), "--num-items": ("num_items", 120),
               "--kind": ("kind", "mixed"), "--seed": ("seed", 999), "--temperature": ("temperature", 0.0),
-              "--max-new-tokens": ("max_new_tokens", 96), "--output": ("output", None), "--device": ("device", None)}
+              "--max-new-tokens": ("max_new_tokens", 96), "--output": ("output", None), "--output-dir": ("output_dir", "runs"),
+              "--device": ("device", None)}
 
 
 def _field(cfg, path):
@@ -147,6 +149,7 @@ def test_sample_and_eval_flags_and_defaults(module, flags):
         if default is not None:
             assert getattr(defaults, dest) == default, flag
     assert defaults.device in ("cpu", "cuda")
+    assert "cpu, cuda or cuda:N" in " ".join(parser.format_help().split())  # --device is explained
     args = parser.parse_args([*base, "--num-items", "4", "--seed", "3", "--temperature", "0.5"])
     assert (args.num_items, args.seed, args.temperature) == (4, 3, 0.5)
 

@@ -73,11 +73,19 @@ def test_two_rank_update_equals_one_rank(tmp_path, monkeypatch, loss_agg, filter
         assert err <= 1e-5, f"weight {name} after the step: {err:.2e}"
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
-def test_micro_batch_size_changes_nothing(tmp_path, loss_agg):
-    """Same rollouts, micro-batches of 2 vs 8 sequences: same logged loss and same gradient."""
-    cfg = dataclasses.replace(C.preset("tiny", stage=2), group_size=2, rollout_batch=4, mini_batch=4,
-                              max_new_tokens=12, kl_coef=0.05, lr=1e-3, loss_agg=loss_agg, progress=False)
+def _update_once(tmp_path, cfg, ro, adv, items, name):
+    """One GRPOTrainer.update of fixed rollouts -> (metrics, gradients before the AdamW step)."""
+    policy, reference = build_tiny_policy(seed=0), build_tiny_policy(seed=1)
+    reference.model.eval().requires_grad_(False)
+    trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items, reward_fn=None,
+                          run_dir=str(tmp_path / name), init_model=None, world=World())
+    grads = {}
+    trainer.opt.step = lambda *a, **k: grads.update(
+        {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None})
+    return trainer.update(ro, adv), grads
+
+
+def _fixed_rollouts(cfg):
     items = generate_items(4, seed=5)
     torch.manual_seed(0)
     ro = generate_rollouts(build_tiny_policy(seed=0), items, n=2, temperature=1.0, max_new_tokens=12)
@@ -88,23 +96,35 @@ def test_micro_batch_size_changes_nothing(tmp_path, loss_agg):
         ro.response_mask[row, k:] = 0
         ro.attention_mask[row, L + k:] = 0
         ro.num_tokens[row] = k
-    adv = torch.randn(8)
-    results = []
-    for micro in (2, 8):
-        policy, reference = build_tiny_policy(seed=0), build_tiny_policy(seed=1)
-        reference.model.eval().requires_grad_(False)
-        trainer = GRPOTrainer(dataclasses.replace(cfg, micro_batch=micro), policy=policy, reference=reference,
-                              items=items, reward_fn=None, run_dir=str(tmp_path / str(micro)), init_model=None,
-                              world=World())
-        grads = {}
-        trainer.opt.step = lambda *a, **k: grads.update(
-            {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None})
-        results.append((trainer.update(ro, adv), grads))
-    (m2, g2), (m8, g8) = results
-    assert abs(m2["loss"] - m8["loss"]) <= 1e-6 * max(1.0, abs(m8["loss"])), (m2["loss"], m8["loss"])
-    gmax = max(float(g.abs().max()) for g in g8.values())
-    for name in g8:
-        assert float((g2[name] - g8[name]).abs().max()) <= 1e-5 * gmax, name
+    return items, ro, torch.randn(8)
+
+
+def _same_update(a, b):
+    (ma, ga), (mb, gb) = a, b
+    assert abs(ma["loss"] - mb["loss"]) <= 1e-6 * max(1.0, abs(mb["loss"])), (ma["loss"], mb["loss"])
+    gmax = max(float(g.abs().max()) for g in gb.values())
+    assert ga.keys() == gb.keys()
+    for name in gb:
+        assert float((ga[name] - gb[name]).abs().max()) <= 1e-5 * gmax, name
+
+
+BASE = dict(group_size=2, rollout_batch=4, mini_batch=4, max_new_tokens=12, kl_coef=0.05, lr=1e-3, progress=False)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_micro_batch_size_changes_nothing(tmp_path, loss_agg):
+    """Same rollouts, micro-batches of 2 vs 8 sequences: same logged loss and same gradient."""
+    cfg = dataclasses.replace(C.preset("tiny", stage=2), loss_agg=loss_agg, **BASE)
+    items, ro, adv = _fixed_rollouts(cfg)
+    _same_update(*(_update_once(tmp_path, dataclasses.replace(cfg, micro_batch=m), ro, adv, items, str(m)) for m in (2, 8)))
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    """--gradient-checkpointing recomputes decoder layers and vision blocks: same loss and gradient."""
+    cfg = dataclasses.replace(C.preset("tiny", stage=2), micro_batch=4, freeze_vision=False, **BASE)
+    items, ro, adv = _fixed_rollouts(cfg)
+    _same_update(*(_update_once(tmp_path, dataclasses.replace(cfg, gradient_checkpointing=gc), ro, adv, items, str(gc))
+                   for gc in (False, True)))
 
 
 @pytest.fixture(scope="module")

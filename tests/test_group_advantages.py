@@ -153,3 +153,52 @@ def test_opcheck_compile_deterministic(backend_name):
         torch.testing.assert_close(compiled(rewards), ops.group_advantages(rewards, 4, scale="batch") * 2)
         first = ops.group_advantages(rewards, 8)
         assert all(torch.equal(first, ops.group_advantages(rewards, 8)) for _ in range(4))
+
+
+# ---- extreme values: one semantics for every backend (docs/ops.md#group_advantages, "Extreme values") ----
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("scale", ADVANTAGE_SCALES)
+def test_non_finite_reward_raises(backend_name, bad, scale):
+    rewards = torch.rand(8)
+    rewards[5] = bad
+    with pytest.raises(ValueError, match="rewards must be finite.*entry 5"):
+        _adv(backend_name, rewards, 4, scale=scale)
+
+
+def test_fp64_reward_beyond_fp32_range_raises(backend_name):
+    # the kernels work on the rewards rounded to fp32: 1e300 would become inf
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        _adv(backend_name, torch.tensor([0.0, 1e300, 1.0, 2.0], dtype=torch.float64), 2)
+
+
+def test_kernel_refuses_non_finite_reward():
+    if "cpp" not in engine.available_backends("cpu"):
+        pytest.skip("C++ extension not built")
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        torch.ops.engine.group_advantages_fwd(torch.tensor([1.0, float("nan")]), 2, "group", 1e-6)
+
+
+@pytest.mark.parametrize("scale", ADVANTAGE_SCALES)
+def test_equal_rewards_eps_zero_give_exactly_zero(backend_name, scale):
+    # std + eps = 0: 0 / 0 is defined as 0 (the contract: a group of equal rewards gives exactly 0)
+    rewards = torch.tensor([0.3] * 4 + [1.0, 0.0, 0.0, 1.0])
+    out = _adv(backend_name, rewards, 4, scale=scale, eps=0.0)
+    assert torch.equal(out[:4], torch.zeros(4)) and torch.isfinite(out).all()
+    assert torch.equal(_adv(backend_name, torch.full((8,), 2.5), 4, scale=scale, eps=0.0), torch.zeros(8))
+    assert torch.equal(reference.group_advantages(rewards, 4, scale=scale, eps=0.0)[:4], torch.zeros(4))
+
+
+@pytest.mark.parametrize("scale", ADVANTAGE_SCALES)
+def test_huge_rewards_do_not_overflow(backend_name, scale):
+    # +-3e38: r - r0 and the squares overflow fp32; every backend works in fp64, so no NaN/inf
+    rewards = torch.tensor([3e38, -3e38, -3e38, 3e38, 1e38, 3e38, 2e38, -1e38])
+    out = _adv(backend_name, rewards, 4, scale=scale)
+    assert torch.isfinite(out).all()
+    _check(backend_name, rewards, 4, scale)
+    if scale == "group":
+        torch.testing.assert_close(out[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 * 3**0.5)
+    two = _adv(backend_name, torch.tensor([3e38, -3e38]), 2, scale=scale)
+    expect = {"group": 0.5**0.5, "batch": 0.5**0.5, "none": 3e38}[scale]
+    torch.testing.assert_close(two, torch.tensor([expect, -expect]))

@@ -227,3 +227,44 @@ def test_torch_compile_fullgraph(backend_name, device):
     torch.testing.assert_close(out, ref)
     for name, x, y in zip(("hidden", "weight", "bias"), a, b):
         torch.testing.assert_close(x.grad, y.grad, msg=name)
+
+
+# ---- extreme values: one semantics for every backend (docs/ops.md#linear_token_logprobs) ----
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(3,), (2, 2)], ids=str)
+def test_zero_hidden_size(backend_name, device, with_bias, shape):
+    """H = 0: hidden @ weight.T is 0, so the logits are the bias (or 0: a uniform distribution)."""
+    V = 5
+    hidden, weight, bias, ids = make(shape, 0, V, torch.float32, device, bias=with_bias)
+    g_logp, g_ent = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    logp, entropy, grads = run(backend_name, hidden, weight, bias, ids, g_logp, g_ent, chunk_size=2)
+    z = (bias if with_bias else torch.zeros(V, device=device)).double().expand(*shape, V)
+    logsm = torch.log_softmax(z, -1)
+    torch.testing.assert_close(logp.detach().double(), logsm.gather(-1, ids[..., None]).squeeze(-1))
+    torch.testing.assert_close(entropy.detach().double(), -(logsm.exp() * logsm).sum(-1))
+    assert grads["hidden"].shape == hidden.shape and grads["weight"].shape == (V, 0)
+    if with_bias:  # d/dbias: sum over rows of g_logp (onehot - p) + g_ent p (lse - H - z)
+        zb = z.clone().requires_grad_()
+        ls = torch.log_softmax(zb, -1)
+        ent = -(ls.exp() * ls).sum(-1)
+        ((ls.gather(-1, ids[..., None]).squeeze(-1) * g_logp.double()) + ent * g_ent.double()).sum().backward()
+        torch.testing.assert_close(grads["bias"].double(), zb.grad.reshape(-1, V).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_posinf_logit_raises(backend_name, device):
+    """As token_logprobs: a +inf logit (here from an inf weight) is refused, naming logits and the row."""
+    hidden, weight, bias, ids = make((4,), 3, 6, torch.float32, device)
+    hidden[2] = hidden[2].abs() + 0.1
+    weight[1] = float("inf")
+    hidden[[0, 1, 3]] = 0.0
+    bias[1] = 0.0
+    with engine.backend(backend_name), pytest.raises(ValueError, match=r"logits holds \+inf in row 2"):
+        ops.linear_token_logprobs(hidden, weight, ids, bias=bias, chunk_size=2)
+
+
+def test_temperature_that_overflows_z_raises(backend_name, device):
+    hidden, weight, bias, ids = make((3,), 4, 6, torch.float32, device)
+    with engine.backend(backend_name), pytest.raises(ValueError, match="temperature 1e-40 is too small"):
+        ops.linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=1e-40)

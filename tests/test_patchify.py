@@ -247,3 +247,30 @@ def test_image_front_door_checks_settings_first():
     # a bad setting is reported before any image is decoded or resized
     with pytest.raises(ValueError, match="std must have 3 nonzero"):
         image.patchify_images([b"not an image"], std=(0.0, 1.0, 1.0))
+
+
+# ---- extreme values: one semantics for every backend (docs/ops.md#patchify) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16], ids=str)
+def test_empty_batch_every_backend(backend_name, device, dtype):
+    """B = 0 images: pixel_values [0, C*Tp*P*P] fp32 and grid_thw [0, 3] on every backend."""
+    empty = torch.zeros(0, 3, 28, 56, device=device, dtype=dtype)
+    for images in (empty, [empty], [empty, empty[:, :, :, :28]]):
+        with engine.backend(backend_name):
+            pv, thw = ops.patchify(images)
+        assert pv.shape == (0, 3 * 2 * 14 * 14) and pv.dtype == torch.float32
+        assert thw.shape == (0, 3) and thw.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_float_images_in_unit_range_are_refused(backend_name, device, dtype):
+    """Float images already in [0, 1] with rescale 1/255 would be scaled twice: ValueError naming images."""
+    unit = torch.rand(3, 28, 28, device=device).to(dtype)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=r"images holds float values in \[0, 1\]"):
+        ops.patchify(unit)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=r"images\[1\] holds float values in \[0, 1\]"):
+        ops.patchify([unit * 255, unit])
+    with engine.backend(backend_name):
+        assert ops.patchify(unit, rescale=1.0)[0].shape == (4, 1176)
+        assert ops.patchify(unit * 255)[0].shape == (4, 1176)

@@ -203,3 +203,42 @@ def test_image_embed_images_is_fused_patchify_embed():
     assert thw.tolist() == thw2.tolist()
     with pytest.raises(ValueError, match="image must be"):
         image.load_image(3.5)
+
+
+# ---- extreme values: one semantics for every backend (docs/ops.md#patchify_embed) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["uint8", "float", "list", "no-bias"])
+def test_empty_batch_every_backend(backend_name, device, dtype, kind):
+    """B = 0 images: embeds [0, D] in weight's dtype, grid_thw [0, 3], zero weight/bias gradients."""
+    w, b = make_weight(16, device, dtype)
+    if kind == "no-bias":
+        b = None
+    empty = torch.zeros(0, 3, 28, 56, device=device, dtype=torch.float32 if kind == "float" else torch.uint8)
+    images = [empty, empty[:, :, :, :28]] if kind == "list" else empty
+    out, thw, grads = run(backend_name, images, w, b, torch.zeros(0, 16, device=device, dtype=dtype), {})
+    assert out.shape == (0, 16) and out.dtype == dtype and thw.shape == (0, 3) and thw.dtype == torch.int64
+    ref, ref_thw, _ = run("reference", images if isinstance(images, list) else [images], w, b,
+                          torch.zeros(0, 16, device=device, dtype=dtype), {})
+    assert ref.shape == (0, 16) and ref.dtype == dtype
+    for name, g in grads.items():
+        if g is not None:
+            assert g.shape == (w if name == "weight" else b).shape and not g.any()
+
+
+@pytest.mark.parametrize("images_in", ["tensor", "list"])
+def test_float_images_in_unit_range_are_refused(backend_name, device, images_in):
+    """Float images already in [0, 1] with the uint8 rescale (1/255) would be scaled twice: ValueError
+    naming images; rescale=1.0 takes them, and [0, 255] floats are taken as they are."""
+    w, b = make_weight(16, device)
+    unit = torch.rand(1, 3, 28, 28, device=device)
+    images = [unit] if images_in == "list" else unit
+    name = "images\\[0\\]" if images_in == "list" else "images"
+    with engine.backend(backend_name), pytest.raises(ValueError, match=f"{name} holds float values in \\[0, 1\\].*rescale"):
+        ops.patchify_embed(images, w, b)
+    with engine.backend(backend_name):
+        out, _ = ops.patchify_embed(images, w, b, rescale=1.0)
+        assert out.shape == (4, 16) and torch.isfinite(out).all()
+        ops.patchify_embed(unit * 255, w, b)  # [0, 255] floats
+        ops.patchify_embed(torch.zeros(1, 3, 28, 28, device=device), w, b)  # all black: the same either way

@@ -1,7 +1,10 @@
 """The recipe end to end on the tiny default, micro-sized: stage 0 -> sampling -> stage 1 -> stage 2,
 then pebr.sample and pebr.eval; bad data rows are skipped and reported."""
+import dataclasses
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +67,7 @@ def test_sample_and_eval_clis(out, tmp_path, capsys):
     model = Checkpointer(out / "stage0" / "checkpoints").latest()
     pebr_sample.main(["--model", model, "--num-items", "4", "-k", "2", "--max-new-tokens", "8",
                       "--output-dir", str(tmp_path / "s")])
-    splits = json.loads((tmp_path / "s" / "splits.json").read_text())
+    splits = json.loads((tmp_path / "s" / "sampling" / "splits.json").read_text())  # OUT/sampling, as pebr.train
     assert sum(splits["counts"].values()) == 4
     assert "easy" in capsys.readouterr().out
     resp = tmp_path / "eval.jsonl"
@@ -130,3 +133,100 @@ def test_non_finite_gradient_skips_the_update(tmp_path):
     assert m["skipped"] == 1 and m["updates"] == 0 and any("skipped" in line for line in logged)
     assert m["reward_nonfinite"] == 2 and math.isfinite(m["reward/overall"])
     assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
+# ---- usability: what a first run does, where --model points, where sample and eval write
+
+
+def test_first_stage1_uses_the_sft_flags_and_says_what_runs_first(tmp_path):
+    """No stage-0 policy: stage 1 runs the warm-up with the given --sft-* flags (not the preset's 192
+    steps) and logs the plan first; --log-every writes one line per step; the summary counts right."""
+    run = tmp_path / "run"
+    train.main(["--stage", "1", "--output-dir", str(run), "--sft-items", "8", "--sft-epochs", "1", "--sft-batch", "8",
+                "--sft-lr", "1e-3", "--log-every", "1", *GRPO_MICRO])
+    (m0,) = read_metrics(str(run / "stage0" / "metrics.jsonl"))  # one SFT step: 8 items, 1 epoch, batch 8
+    assert m0["step"] == 1
+    s0 = Checkpointer(run / "stage0" / "checkpoints").latest()
+    assert json.loads((Path(s0) / "trainer_state.json").read_text())["config"]["sft"]["lr"] == 1e-3
+    log1 = (run / "stage1" / "train.log").read_text()
+    plan = log1.index("running first the warm-up SFT (stage 0): 1 steps (8 items x 1 epochs / batch 8")
+    assert "then dataset-level sampling: 6 items x k=2" in log1[plan:]
+    assert "--max-steps 2 counts stage-1 steps only" in log1
+    log0 = (run / "stage0" / "train.log").read_text()
+    assert "stage 0 (warm-up SFT): 1 steps" in log0 and "step 1/1 loss " in log0  # --log-every reaches the warm-up
+    assert "step 1/2 reward " in log1 and "step 2/2 reward " in log1 and " kl " in log1 and "s/step" in log1
+    assert "first 1 " in log1 and "last 1 " in log1 and "first 10" not in log1  # 2 steps: no claim of 10
+
+
+def test_model_accepts_stage_and_checkpoints_folders(out, tmp_path, capsys):
+    from pebr.checkpoint import resolve_model_path
+
+    latest = Checkpointer(out / "stage0" / "checkpoints").latest()
+    for given in (out / "stage0", out / "stage0" / "checkpoints", out / "stage0" / "checkpoints" / "latest", latest):
+        assert resolve_model_path(given) == latest, given
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "junk").mkdir()
+    for bad, message in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "empty", "holds no checkpoint"),
+                         (tmp_path / "junk", "not a model folder")):
+        with pytest.raises(ValueError, match=message):
+            resolve_model_path(bad)
+        for main, base in ((pebr_eval.main, []), (pebr_sample.main, []), (train.main, ["--stage", "1"])):
+            with pytest.raises(SystemExit, match="^" + re.escape(f"error: --model {bad}: ")):
+                main([*base, "--model", str(bad)])
+    # eval: a stage folder, responses under --output-dir OUT/eval/
+    pebr_eval.main(["--model", str(out / "stage0"), "--num-items", "2", "--max-new-tokens", "4",
+                    "--output-dir", str(tmp_path / "o")])
+    (resp,) = (tmp_path / "o" / "eval").iterdir()
+    assert "step_" in resp.name and len(resp.read_text().splitlines()) == 2
+    assert f"model {latest}" in capsys.readouterr().out
+
+
+def _sampling_cfg(run, **over):
+    cfg = train.config_from_args(train.parse_args(["--stage", "1", "--output-dir", str(run), *GRPO_MICRO]))
+    return dataclasses.replace(cfg, **over)
+
+
+def test_dataset_level_sampling_is_reproducible(out, tmp_path):
+    """The same records, model and seed give the same rollouts and splits, whatever the RNG held before."""
+    import torch
+
+    from pebr.stages import ensure_sampling, load_items
+
+    model = Checkpointer(out / "stage0" / "checkpoints").latest()
+    texts = []
+    for name, noise in (("a", 1), ("b", 2)):
+        torch.manual_seed(noise)
+        cfg = _sampling_cfg(tmp_path / name)
+        ensure_sampling(cfg, model, load_items(cfg, purpose="rl"))
+        texts.append((tmp_path / name / "sampling" / "rollouts.jsonl").read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) == 12
+    a, b = (json.loads((tmp_path / n / "sampling" / "splits.json").read_text()) for n in "ab")
+    assert {s: a[s] for s in ("easy", "medium", "hard")} == {s: b[s] for s in ("easy", "medium", "hard")}
+    cfg = _sampling_cfg(tmp_path / "c", seed=7)  # another run seed: another draw
+    ensure_sampling(cfg, model, load_items(cfg, purpose="rl"))
+    assert (tmp_path / "c" / "sampling" / "rollouts.jsonl").read_text() != texts[0]
+
+
+def test_sample_writes_the_cache_train_reuses_only_when_settings_match(out, tmp_path):
+    """pebr.sample --output-dir OUT: reads OUT/stage0, writes OUT/sampling; pebr.train reuses it only at
+    the same temperature, top_p and max_new_tokens."""
+    from pebr.stages import ensure_sampling, load_items
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(out / "stage0", run / "stage0")
+    cfg = _sampling_cfg(run)
+    items = load_items(cfg, purpose="rl")
+    model = Checkpointer(run / "stage0" / "checkpoints").latest()
+    flags = ["--output-dir", str(run), "--num-items", "6", "-k", "2", "--seed", str(cfg.sampling.seed),
+             "--max-new-tokens", str(cfg.max_new_tokens), "--top-p", str(cfg.sampling.top_p)]
+    splits_json = run / "sampling" / "splits.json"
+    pebr_sample.main([*flags, "--temperature", "1.2"])  # no --model: OUT/stage0's latest
+    meta = json.loads(splits_json.read_text())["meta"]
+    assert meta["model"] == os.path.abspath(model) and meta["temperature"] == 1.2
+    ensure_sampling(cfg, model, items)  # the run samples at T=1.0: sampled again
+    assert json.loads(splits_json.read_text())["meta"]["temperature"] == cfg.sampling.temperature == 1.0
+    pebr_sample.main([*flags, "--temperature", "1.0"])
+    before = (run / "sampling" / "rollouts.jsonl").read_text()
+    got = ensure_sampling(cfg, model, items)  # same settings: reused as is
+    assert got["meta"]["seed"] == cfg.sampling.seed and (run / "sampling" / "rollouts.jsonl").read_text() == before

@@ -12,6 +12,8 @@ Bounds (`k x eps x scale`, zmax = max(1, max |logits / temperature|) over finite
   reference, whose autograd goes through log_softmax and p * z separately; k = 8 made the
   reference fail about one run in twenty).
 """
+import math
+
 import pytest
 import torch
 
@@ -309,3 +311,55 @@ def test_cpu_capability_builds_agree(tmp_path, device, dtype):
         for name, a, b in zip(("logp", "entropy", "grad"), outs[cap], outs["avx512"]):
             rtol = grad_rtol if name == "grad" else 1e-5
             torch.testing.assert_close(a, b, rtol=rtol, atol=1e-5, msg=f"{cap} vs avx512: {name}")
+
+
+# ---- extreme values: one semantics for every backend (docs/ops.md#token_logprobs, "Extreme values") ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_posinf_logit_raises(backend_name, device, dtype, temperature):
+    """+inf is not a valid logit: ValueError naming logits and the row (every backend alike)."""
+    logits = torch.randn(3, 40, device=device).to(dtype)
+    logits[2, 7] = float("inf")
+    ids = torch.zeros(3, dtype=torch.long, device=device)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=r"logits holds \+inf in row 2"):
+        ops.token_logprobs(logits, ids, temperature=temperature, return_entropy=True)
+    with pytest.raises(ValueError, match=r"logits holds \+inf in row 2"):
+        reference.token_logprobs(logits, ids, temperature=temperature)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_temperature_that_overflows_z_raises(backend_name, device, sign):
+    """logits / temperature overflowing fp32 (+inf, or a row all -inf) is refused, naming temperature."""
+    logits = torch.tensor([[1.0, 2.0, 3.0], [sign * 1e10, sign * 2e10, sign * 3e10]], device=device)
+    ids = torch.zeros(2, dtype=torch.long, device=device)
+    with engine.backend(backend_name), pytest.raises(ValueError, match=r"temperature 1e-30 is too small.*row 1"):
+        ops.token_logprobs(logits, ids, temperature=1e-30)
+
+
+def test_tiny_temperature_that_keeps_z_finite(backend_name, device):
+    """A tiny temperature is fine while z stays finite: the argmax limit (logp 0 at the max, entropy 0)."""
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.25]], device=device)
+    ids = torch.tensor([2, 0], device=device)
+    with engine.backend(backend_name):
+        logp, entropy = ops.token_logprobs(logits, ids, temperature=1e-30, return_entropy=True)
+    assert torch.equal(logp.cpu(), torch.zeros(2)) and torch.equal(entropy.cpu().abs(), torch.zeros(2))
+
+
+def test_entropy_without_cancellation(backend_name, device):
+    """[1e30, 1e30, 3]: p = (1/2, 1/2, 0), entropy log 2 (lse - sum p z would round it to 0)."""
+    logits = torch.tensor([[1e30, 1e30, 3.0], [1e30, -1e30, 1e30], [5e37, 5e37, 5e37]], device=device)
+    ids = torch.tensor([0, 1, 2], device=device)
+    x = logits.clone().requires_grad_()
+    with engine.backend(backend_name):
+        logp, entropy = ops.token_logprobs(x, ids, return_entropy=True)
+    logp.sum().backward()
+    log2, log3 = math.log(2), math.log(3)
+    torch.testing.assert_close(logp.detach().cpu(), torch.tensor([-log2, -2e30, -log3]))
+    torch.testing.assert_close(entropy.detach().cpu(), torch.tensor([log2, log2, log3]))
+    # d logp / d logits = onehot(id) - p
+    expect = torch.tensor([[0.5, -0.5, 0.0], [-0.5, 1.0, -0.5], [-1 / 3, -1 / 3, 2 / 3]])
+    torch.testing.assert_close(x.grad.cpu(), expect)
+    r_logp, r_ent = reference.token_logprobs(logits, ids, return_entropy=True)
+    torch.testing.assert_close(r_ent.cpu(), torch.tensor([log2, log2, log3]))

@@ -109,16 +109,17 @@ def _grpo_loss_fwd_kernel(
         ok = offs < T
         lp, m, old, a = _load_tokens(logp_ptr, old_ptr, adv_ptr, mask_ptr, b, row, offs, ok, HAS_OLD, ADV_PER_TOKEN, BLOCK_T)
         pg, high, low, _ = _pg_terms(lp, old, a, lo, hi, dual, HAS_DUAL)
-        s_pg += pg * m
+        on = m != 0.0  # a masked-out token adds exactly 0, even where its terms are NaN/inf (where, not 0 * x)
+        s_pg += tl.where(on, pg * m, 0.0)
         s_m += m
         s_hi += tl.where(high, m, 0.0)
         s_lo += tl.where(low, m, 0.0)
         if HAS_OLD:
-            s_ppo += (old - lp) * m
+            s_ppo += tl.where(on, (old - lp) * m, 0.0)
         if HAS_REF:
             ref = tl.load(ref_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
             kl, _ = _kl_terms(lp, ref, KL_TYPE)
-            s_kl += kl * m
+            s_kl += tl.where(on, kl * m, 0.0)
     tl.store(part_ptr + 0 * B + b, tl.sum(s_pg, axis=0))
     tl.store(part_ptr + 1 * B + b, tl.sum(s_kl, axis=0))
     tl.store(part_ptr + 2 * B + b, tl.sum(s_m, axis=0))
@@ -196,7 +197,8 @@ def _grpo_loss_bwd_kernel(
         _, dkl = _kl_terms(lp, ref, KL_TYPE)
         g = g + kl_coef * dkl
     c = tl.load(grad_ptr) * tl.load(row_w_ptr + b)
-    tl.store(dlogp_ptr + row + offs, ((c * m) * g).to(dlogp_ptr.dtype.element_ty), mask=ok)
+    # a masked-out token gets exactly 0, even where its terms are NaN/inf (where, not 0 * x)
+    tl.store(dlogp_ptr + row + offs, tl.where(m != 0.0, (c * m) * g, 0.0).to(dlogp_ptr.dtype.element_ty), mask=ok)
 
 
 def _block_t(T: int) -> int:

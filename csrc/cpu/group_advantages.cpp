@@ -43,6 +43,11 @@ at::Tensor group_advantages_fwd_cpu(const at::Tensor& rewards, int64_t group_siz
   if (B == 0) return adv;
   const float* r = r32.const_data_ptr<float>();
   float* out = adv.data_ptr<float>();
+  // one semantics for every backend (docs/ops.md#group_advantages): a NaN/inf reward is refused.
+  // In double no intermediate overflows for finite fp32 rewards (|r| < 3.5e38: squares < 1e78).
+  for (int64_t i = 0; i < B; ++i)
+    TORCH_CHECK_VALUE(std::isfinite(r[i]), "rewards must be finite (in fp32, the kernels' precision): entry ", i,
+                      " is ", r[i]);
   const double batch_std = sc == kScaleBatch ? shifted_moments(r, B).std : 0.0;
   for (int64_t g0 = 0; g0 < B; g0 += group_size) {
     const Moments g = shifted_moments(r + g0, group_size);

@@ -90,6 +90,7 @@ void fwd_items_scalar(const GrpoArgs& a, int64_t begin, int64_t end, double* par
       const float o = p.has_old ? static_cast<float>(old[i]) : l;
       const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
       const float m = static_cast<float>(mask[i]);
+      if (m == 0.f) continue;  // a masked-out token adds exactly 0, even where its terms are NaN/inf
       const TokenTerms t = token_terms(l, o, r, a.adv_per_token ? a.adv[off + i] : a.adv[b], p);
       s[0] += t.pg * m;
       s[1] += t.kl * m;
@@ -121,7 +122,8 @@ void bwd_items_scalar(const GrpoArgs& a, float grad_loss, const float* row_weigh
       const float o = p.has_old ? static_cast<float>(old[i]) : l;
       const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
       const float m = static_cast<float>(mask[i]);
-      dlp[i] = static_cast<scalar_t>(c * m * token_grad(l, o, r, a.adv_per_token ? a.adv[off + i] : a.adv[b], p));
+      // a masked-out token gets exactly 0, even where its terms are NaN/inf (select, not 0 * x)
+      dlp[i] = static_cast<scalar_t>(m == 0.f ? 0.f : c * m * token_grad(l, o, r, a.adv_per_token ? a.adv[off + i] : a.adv[b], p));
     }
   }
 }

@@ -98,6 +98,7 @@ inline Block load_block(const GrpoArgs& a, int64_t b, int64_t off, int64_t n, fl
 template <typename scalar_t, typename mask_t>
 void fwd_impl(const GrpoArgs& a, int64_t begin, int64_t end, double* partials) {
   alignas(64) float buf[4][kBlock];
+  const Vec zero(0.f);
   const int64_t nchunk = (a.T + kGrpoChunk - 1) / kGrpoChunk;
   const Params& p = a.p;
   for (int64_t item = begin; item < end; ++item) {
@@ -114,12 +115,14 @@ void fwd_impl(const GrpoArgs& a, int64_t begin, int64_t end, double* partials) {
         const Vec m = load(k.mask + i, c);
         const Vec adv = k.adv ? load(k.adv + i, c) : k.adv_row;
         const auto t = engine_grpo::token_terms_vec(l, o, r, adv, p);
-        s_pg = at::vec::fmadd(t.pg, m, s_pg);
-        s_kl = at::vec::fmadd(t.kl, m, s_kl);
+        // a masked-out token adds exactly 0, even where its terms are NaN/inf (select, not 0 * x)
+        const Vec on = m != zero;
+        s_pg = s_pg + Vec::blendv(zero, t.pg * m, on);
+        s_kl = s_kl + Vec::blendv(zero, t.kl * m, on);
         s_m = s_m + m;
-        s_hi = at::vec::fmadd(t.high, m, s_hi);
-        s_lo = at::vec::fmadd(t.low, m, s_lo);
-        s_ppo = at::vec::fmadd(t.ppo, m, s_ppo);
+        s_hi = s_hi + Vec::blendv(zero, t.high * m, on);
+        s_lo = s_lo + Vec::blendv(zero, t.low * m, on);
+        s_ppo = s_ppo + Vec::blendv(zero, t.ppo * m, on);
       };
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) step(i, Vec::size());
@@ -139,6 +142,7 @@ template <typename scalar_t, typename mask_t>
 void bwd_impl(const GrpoArgs& a, float grad_loss, const float* row_weight, void* dlogp, int64_t begin, int64_t end) {
   alignas(64) float buf[4][kBlock];
   alignas(64) float out[kBlock];
+  const Vec zero(0.f);
   const int64_t nchunk = (a.T + kGrpoChunk - 1) / kGrpoChunk;
   const Params& p = a.p;
   for (int64_t item = begin; item < end; ++item) {
@@ -155,7 +159,8 @@ void bwd_impl(const GrpoArgs& a, float grad_loss, const float* row_weight, void*
         const Vec r = p.has_ref ? load(k.ref + i, c) : l;
         const Vec m = load(k.mask + i, c);
         const Vec adv = k.adv ? load(k.adv + i, c) : k.adv_row;
-        (c_row * m * engine_grpo::token_grad_vec(l, o, r, adv, p)).store(dst + i, c);
+        // a masked-out token gets exactly 0, even where its terms are NaN/inf (select, not 0 * x)
+        Vec::blendv(zero, c_row * m * engine_grpo::token_grad_vec(l, o, r, adv, p), m != zero).store(dst + i, c);
       };
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) step(i, Vec::size());

@@ -54,6 +54,7 @@ __global__ void grpo_loss_fwd_rows_kernel(const scalar_t* __restrict__ logp, con
     const float r = p.has_ref ? static_cast<float>(ref[row + t]) : l;
     const float a = adv_per_token ? adv[row + t] : adv[b];
     const float m = static_cast<float>(mask[row + t]);
+    if (m == 0.f) continue;  // a masked-out token adds exactly 0, even where its terms are NaN/inf
     const TokenTerms tt = token_terms(l, o, r, a, p);
     s[0] += tt.pg * m;
     s[1] += tt.kl * m;
@@ -125,7 +126,8 @@ __global__ void grpo_loss_bwd_kernel(const float* __restrict__ grad_loss, const 
     const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
     const float a = adv_per_token ? adv[i] : adv[b];
     const float m = static_cast<float>(mask[i]);
-    dlogp[i] = static_cast<scalar_t>((g_up * row_w[b]) * m * token_grad(l, o, r, a, p));
+    // a masked-out token gets exactly 0, even where its terms are NaN/inf (select, not 0 * x)
+    dlogp[i] = static_cast<scalar_t>(m == 0.f ? 0.f : (g_up * row_w[b]) * m * token_grad(l, o, r, a, p));
   }
 }
 
