@@ -463,10 +463,10 @@ for kl in range(4):
              lo="fp32", hi="fp32", dual="fp32", kl_coef="fp32"), dict(flags, BLOCK_T=1024))
     compile_(G._grpo_loss_finalize_kernel, dict(part_ptr="*fp32", loss_ptr="*fp32", metrics_ptr="*fp32",
              row_w_ptr="*fp32", B="i32", T="i32", kl_coef="fp32"), dict(AGG=kl, BLOCK_B=1024, N_B_ITERS=1))
-compile_(A._batch_std_kernel, dict(r_ptr="*fp32", std_ptr="*fp32", B="i32", inv_bm1="fp32"), dict(BLOCK=1024, N_ITERS=2))
+compile_(A._batch_std_kernel, dict(r_ptr="*fp32", std_ptr="*fp64", par_ptr="*fp64", B="i32"), dict(BLOCK=1024, N_ITERS=2))
 for scale in range(3):
-    compile_(A._group_advantages_fwd_kernel, dict(r_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp32", num_groups="i32",
-             G="i32", inv_gm1="fp32", eps="fp32"), dict(SCALE=scale, BLOCK_G=8, GROUPS=64))
+    compile_(A._group_advantages_fwd_kernel, dict(r_ptr="*fp32", out_ptr="*fp32", std_ptr="*fp64", par_ptr="*fp64",
+             num_groups="i32", G="i32"), dict(SCALE=scale, BLOCK_G=8, GROUPS=64))
 print("OK")
 """
 
