@@ -73,25 +73,41 @@ std::string grpo_loss_cpu_path() { return kPathNames[static_cast<int>(path())]; 
 
 // ---------------------------------------------------------------- the scalar path
 
+// One work item's tokens (row b, tokens [t0, t0 + n)) as floats: old/ref read as logp when absent,
+// the advantage per token or per row. Shared by the scalar forward and backward.
+template <typename scalar_t, typename mask_t>
+struct ScalarItem {
+  const GrpoArgs& a;
+  int64_t b, off, n;
+  const scalar_t *lp, *old, *ref;
+  const mask_t* mask;
+
+  ScalarItem(const GrpoArgs& args, int64_t item) : a(args) {
+    const int64_t nchunk = (a.T + kGrpoChunk - 1) / kGrpoChunk, t0 = (item % nchunk) * kGrpoChunk;
+    b = item / nchunk;
+    n = std::min(kGrpoChunk, a.T - t0);
+    off = b * a.T + t0;
+    lp = static_cast<const scalar_t*>(a.logp) + off;
+    old = a.p.has_old ? static_cast<const scalar_t*>(a.old) + off : nullptr;
+    ref = a.p.has_ref ? static_cast<const scalar_t*>(a.ref) + off : nullptr;
+    mask = static_cast<const mask_t*>(a.mask) + off;
+  }
+  float logp(int64_t i) const { return static_cast<float>(lp[i]); }
+  float old_logp(int64_t i) const { return a.p.has_old ? static_cast<float>(old[i]) : logp(i); }
+  float ref_logp(int64_t i) const { return a.p.has_ref ? static_cast<float>(ref[i]) : logp(i); }
+  float weight(int64_t i) const { return static_cast<float>(mask[i]); }
+  float adv(int64_t i) const { return a.adv_per_token ? a.adv[off + i] : a.adv[b]; }
+};
+
 template <typename scalar_t, typename mask_t>
 void fwd_items_scalar(const GrpoArgs& a, int64_t begin, int64_t end, double* partials) {
-  const int64_t nchunk = (a.T + kGrpoChunk - 1) / kGrpoChunk;
-  const Params& p = a.p;
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t b = item / nchunk, t0 = (item % nchunk) * kGrpoChunk, n = std::min(kGrpoChunk, a.T - t0);
-    const int64_t off = b * a.T + t0;
-    const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + off;
-    const scalar_t* old = p.has_old ? static_cast<const scalar_t*>(a.old) + off : nullptr;
-    const scalar_t* ref = p.has_ref ? static_cast<const scalar_t*>(a.ref) + off : nullptr;
-    const mask_t* mask = static_cast<const mask_t*>(a.mask) + off;
+    const ScalarItem<scalar_t, mask_t> x(a, item);
     double s[kNumSums] = {0, 0, 0, 0, 0, 0};
-    for (int64_t i = 0; i < n; ++i) {
-      const float l = static_cast<float>(lp[i]);
-      const float o = p.has_old ? static_cast<float>(old[i]) : l;
-      const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
-      const float m = static_cast<float>(mask[i]);
+    for (int64_t i = 0; i < x.n; ++i) {
+      const float m = x.weight(i);
       if (m == 0.f) continue;  // a masked-out token adds exactly 0, even where its terms are NaN/inf
-      const TokenTerms t = token_terms(l, o, r, a.adv_per_token ? a.adv[off + i] : a.adv[b], p);
+      const TokenTerms t = token_terms(x.logp(i), x.old_logp(i), x.ref_logp(i), x.adv(i), a.p);
       s[0] += t.pg * m;
       s[1] += t.kl * m;
       s[2] += m;
@@ -106,24 +122,14 @@ void fwd_items_scalar(const GrpoArgs& a, int64_t begin, int64_t end, double* par
 template <typename scalar_t, typename mask_t>
 void bwd_items_scalar(const GrpoArgs& a, float grad_loss, const float* row_weight, void* dlogp, int64_t begin,
                       int64_t end) {
-  const int64_t nchunk = (a.T + kGrpoChunk - 1) / kGrpoChunk;
-  const Params& p = a.p;
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t b = item / nchunk, t0 = (item % nchunk) * kGrpoChunk, n = std::min(kGrpoChunk, a.T - t0);
-    const int64_t off = b * a.T + t0;
-    const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + off;
-    const scalar_t* old = p.has_old ? static_cast<const scalar_t*>(a.old) + off : nullptr;
-    const scalar_t* ref = p.has_ref ? static_cast<const scalar_t*>(a.ref) + off : nullptr;
-    const mask_t* mask = static_cast<const mask_t*>(a.mask) + off;
-    scalar_t* dlp = static_cast<scalar_t*>(dlogp) + off;
-    const float c = grad_loss * row_weight[b];
-    for (int64_t i = 0; i < n; ++i) {
-      const float l = static_cast<float>(lp[i]);
-      const float o = p.has_old ? static_cast<float>(old[i]) : l;
-      const float r = p.has_ref ? static_cast<float>(ref[i]) : l;
-      const float m = static_cast<float>(mask[i]);
+    const ScalarItem<scalar_t, mask_t> x(a, item);
+    scalar_t* dlp = static_cast<scalar_t*>(dlogp) + x.off;
+    const float c = grad_loss * row_weight[x.b];
+    for (int64_t i = 0; i < x.n; ++i) {
+      const float m = x.weight(i);
       // a masked-out token gets exactly 0, even where its terms are NaN/inf (select, not 0 * x)
-      dlp[i] = static_cast<scalar_t>(m == 0.f ? 0.f : c * m * token_grad(l, o, r, a.adv_per_token ? a.adv[off + i] : a.adv[b], p));
+      dlp[i] = static_cast<scalar_t>(m == 0.f ? 0.f : c * m * token_grad(x.logp(i), x.old_logp(i), x.ref_logp(i), x.adv(i), a.p));
     }
   }
 }

@@ -82,6 +82,21 @@ struct Block {
   Vec adv_row;  // advantages[b] in every lane when they are per row
 };
 
+// Token lanes [i, i + c) of a block; old/ref are logp's lanes when absent (no second load).
+struct Tokens {
+  Vec l, o, r, m, adv;
+};
+
+inline Tokens load_tokens(const Block& k, const Params& p, int64_t i, int64_t c) {
+  Tokens t;
+  t.l = load(k.lp + i, c);
+  t.o = p.has_old ? load(k.old + i, c) : t.l;
+  t.r = p.has_ref ? load(k.ref + i, c) : t.l;
+  t.m = load(k.mask + i, c);
+  t.adv = k.adv ? load(k.adv + i, c) : k.adv_row;
+  return t;
+}
+
 template <typename scalar_t, typename mask_t>
 inline Block load_block(const GrpoArgs& a, int64_t b, int64_t off, int64_t n, float (*buf)[kBlock]) {
   const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + off;
@@ -109,12 +124,9 @@ void fwd_impl(const GrpoArgs& a, int64_t begin, int64_t end, double* partials) {
       const Block k = load_block<scalar_t, mask_t>(a, b, b * a.T + t0 + j0, n, buf);
       Vec s_pg(0.f), s_kl(0.f), s_m(0.f), s_hi(0.f), s_lo(0.f), s_ppo(0.f);
       auto step = [&](int64_t i, int64_t c) {
-        const Vec l = load(k.lp + i, c);
-        const Vec o = p.has_old ? load(k.old + i, c) : l;
-        const Vec r = p.has_ref ? load(k.ref + i, c) : l;
-        const Vec m = load(k.mask + i, c);
-        const Vec adv = k.adv ? load(k.adv + i, c) : k.adv_row;
-        const auto t = engine_grpo::token_terms_vec(l, o, r, adv, p);
+        const Tokens x = load_tokens(k, p, i, c);
+        const Vec m = x.m;
+        const auto t = engine_grpo::token_terms_vec(x.l, x.o, x.r, x.adv, p);
         // a masked-out token adds exactly 0, even where its terms are NaN/inf (select, not 0 * x)
         const Vec on = m != zero;
         s_pg = s_pg + Vec::blendv(zero, t.pg * m, on);
@@ -154,13 +166,9 @@ void bwd_impl(const GrpoArgs& a, float grad_loss, const float* row_weight, void*
       // fp32 gradients go straight to dlogp, others through `out` and one narrowing pass
       float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dlogp) + off : out;
       auto step = [&](int64_t i, int64_t c) {
-        const Vec l = load(k.lp + i, c);
-        const Vec o = p.has_old ? load(k.old + i, c) : l;
-        const Vec r = p.has_ref ? load(k.ref + i, c) : l;
-        const Vec m = load(k.mask + i, c);
-        const Vec adv = k.adv ? load(k.adv + i, c) : k.adv_row;
+        const Tokens x = load_tokens(k, p, i, c);
         // a masked-out token gets exactly 0, even where its terms are NaN/inf (select, not 0 * x)
-        Vec::blendv(zero, c_row * m * engine_grpo::token_grad_vec(l, o, r, adv, p), m != zero).store(dst + i, c);
+        Vec::blendv(zero, c_row * x.m * engine_grpo::token_grad_vec(x.l, x.o, x.r, x.adv, p), x.m != zero).store(dst + i, c);
       };
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) step(i, Vec::size());
