@@ -107,6 +107,19 @@ class World:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
+def seed_all(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; ranks draw distinct streams (their rollouts must not repeat
+    each other's), rank 0 the stream of a world of one."""
+    import random
+
+    import numpy as np
+
+    seed = seed + 1_000_003 * rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

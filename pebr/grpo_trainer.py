@@ -42,7 +42,7 @@ from pebr.logprobs import image_features, response_logprobs
 from pebr.rollout import HFRollout, Rollouts, generate_rollouts
 from pebr.trainer import Trainer
 
-# Kept importable from here (other modules and scripts import them from this module).
+# Kept importable from here: they lived in this module before pebr/trainer.py, and scripts import them.
 from pebr.trainer import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
 
 # What forward_backward_step sums over micro-batches (token-weighted metrics carry their tokens).
@@ -57,7 +57,6 @@ class MicroBatch:
     groups: list[int]  # prompt indices into the step's (kept) rollouts
     weight: float  # multiplies grpo_loss: world_size * (this micro-batch's share of the global count)
     loss_weight: float  # the same without world_size: its share of the logged mini-batch loss
-    compare_rollout: bool  # no optimizer step yet this step: compare logp with the rollout's
 
 
 class GRPOTrainer(Trainer):
@@ -213,7 +212,7 @@ class GRPOTrainer(Trainer):
         minis += [[] for _ in range(n_minis - len(minis))]
         n_micro = world.max([math.ceil(len(m) / micro_groups) for m in minis] or [0]).tolist()
         totals = world.sum([self._count(ro, m) for m in minis] or [0.0]).tolist()
-        plan, first = [], True
+        plan = []
         for mini, k, total in zip(minis, n_micro, totals):
             chunks = [mini[c : c + micro_groups] for c in range(0, len(mini), micro_groups)]
             chunks += [[] for _ in range(int(k) - len(chunks))]
@@ -222,10 +221,8 @@ class GRPOTrainer(Trainer):
                 share = self._count(ro, chunk) / total if total > 0 else 0.0
                 if cfg.loss_agg == "seq-mean-token-sum-norm":
                     share /= max(1, cfg.max_new_tokens)  # Dr.GRPO's constant, not the micro-batch's width
-                mbs.append(MicroBatch(groups=chunk, weight=share * world.world_size, loss_weight=share,
-                                      compare_rollout=first))
+                mbs.append(MicroBatch(groups=chunk, weight=share * world.world_size, loss_weight=share))
             plan.append(mbs)
-            first = False
         return plan
 
     def update(self, ro: Rollouts, adv: torch.Tensor, groups: list[int] | None = None) -> dict:
@@ -233,16 +230,17 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         groups = list(range(len(ro.items))) if groups is None else list(groups)
         self.policy.model.train()
-        plans = [self.plan(ro, groups) for _ in range(cfg.ppo_epochs)]
-        n_updates = sum(len(p) for p in plans)
+        plan = self.plan(ro, groups)  # the same every epoch: the groups and their counts do not change
+        n_updates = len(plan) * cfg.ppo_epochs
         old = self._old_logprobs(ro) if n_updates > 1 else None
         totals: dict[str, float] = {}
         norms, skipped = [], 0
-        for e, plan in enumerate(plans):
+        for e in range(cfg.ppo_epochs):
             for j, mbs in enumerate(plan):
-                for mb in mbs:
-                    mb.compare_rollout = mb.compare_rollout and e == 0
-                out = self.minibatch_step(mbs, ro=ro, adv=adv, old=old, fallback=groups[:1] or [0])
+                # before the step's first optimizer step the policy is the rollout's: compare them
+                first = e == 0 and j == 0
+                out = self.minibatch_step(mbs, ro=ro, adv=adv, old=old, fallback=groups[:1] or [0],
+                                          compare_rollout=first)
                 skipped += int(out.pop("skipped"))
                 norm = out.pop("grad_norm")
                 if math.isfinite(norm):
@@ -261,7 +259,7 @@ class GRPOTrainer(Trainer):
         result["updates"] = n_updates - skipped
         return result
 
-    def forward_backward_step(self, mb: MicroBatch, *, ro: Rollouts, adv, old, fallback) -> dict:
+    def forward_backward_step(self, mb: MicroBatch, *, ro: Rollouts, adv, old, fallback, compare_rollout: bool) -> dict:
         """One micro-batch: reference and policy log-probs, grpo_loss, backward of its weighted share.
 
         An empty micro-batch (a rank short of groups) runs a zero-weight pass over `fallback`, so
@@ -291,7 +289,7 @@ class GRPOTrainer(Trainer):
                "entropy": float((ent.detach() * mask).sum())}
         for k in ("kl", "ppo_kl", "clipfrac_high", "clipfrac_low"):
             out[k] = float(m[k]) * tok
-        if mb.compare_rollout and ro.logprobs is not None:
+        if compare_rollout and ro.logprobs is not None:
             diff = (logp.detach() - ro.logprobs[rows][:, :width].to(logp.device)).abs()
             out["rollout_logp_diff"] = float((diff * mask).sum())
             out["rollout_tokens"] = tok

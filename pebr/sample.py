@@ -44,7 +44,6 @@ def main(argv=None) -> int:
     from pebr.checkpoint import find_latest, resolve_model_path
     from pebr.policy import load_policy
     from pebr.sampling import sample_dataset, write_sampling
-    from pebr.stages import _seed_all
 
     folder = sampling_folder(args.output_dir)
     run_dir = os.path.dirname(os.path.normpath(folder)) or "."
@@ -69,10 +68,10 @@ def main(argv=None) -> int:
         items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed")
     if not items:
         raise SystemExit("error: no items to sample")
-    from pebr.distributed import init_world
+    from pebr.distributed import init_world, seed_all
 
     world = init_world(device=args.device)
-    _seed_all(args.seed, world.rank)
+    seed_all(args.seed, world.rank)
     policy = load_policy(model, device=world.device)
     result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,

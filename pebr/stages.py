@@ -20,7 +20,7 @@ import time
 import torch
 
 from pebr import config as C
-from pebr.distributed import World
+from pebr.distributed import World, seed_all
 
 SFT_SEED = 2  # procedural warm-up items: a pool of their own
 
@@ -86,18 +86,6 @@ def load_items(cfg, *, purpose: str) -> list:
     return tasks.generate_items(cfg.sampling.num_items, seed=cfg.sampling.seed, kind="mixed")
 
 
-def _seed_all(seed: int, rank: int = 0) -> None:
-    """Seed every RNG; ranks draw distinct streams (their rollouts must not repeat each other's)."""
-    import random
-
-    import numpy as np
-
-    seed = seed + 1_000_003 * rank
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _metrics_log(sdir: str, *, fresh: bool, world: World | None = None):
     """The stage's metrics.jsonl (rank 0 only; None elsewhere)."""
     from pebr.metrics_log import MetricsLog
@@ -137,7 +125,7 @@ def run_sft(cfg, world: World | None = None) -> str:
     _setup_logging(sdir, world)
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"))
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
-    _seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
+    seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
     if latest:
         policy = load_policy(latest, dtype=_dtype(cfg, world), device=world.device)
     elif cfg.model:
@@ -145,7 +133,7 @@ def run_sft(cfg, world: World | None = None) -> str:
     else:
         policy = build_tiny_policy(seed=cfg.seed)
         policy.model.to(device=world.device, dtype=_dtype(cfg, world))
-    _seed_all(cfg.seed, world.rank)
+    seed_all(cfg.seed, world.rank)
     if world.is_main:
         if not latest:
             ckpts.clear()
@@ -262,7 +250,7 @@ def ensure_sampling(cfg, init_model: str, items: list, world: World | None = Non
     log.info(f"dataset-level sampling: {_sampling_plan(cfg)}, T={s.temperature}, top_p {s.top_p}, "
              f"max_new_tokens {cfg.max_new_tokens}, with {init_model}")
     policy = load_policy(init_model, dtype=_dtype(cfg), device=world.device)
-    _seed_all(cfg.seed, world.rank)  # reproducible splits: the run's seed, a distinct stream per rank
+    seed_all(cfg.seed, world.rank)  # reproducible splits: the run's seed, a distinct stream per rank
     t0 = time.perf_counter()
     res = sample_dataset(policy, items, k=s.k, temperature=s.temperature, top_p=s.top_p,
                          max_new_tokens=cfg.max_new_tokens, batch_prompts=s.batch_prompts,
@@ -325,7 +313,7 @@ def run_grpo(cfg, world: World | None = None) -> str:
     items = load_items(cfg, purpose="rl")
     splits = ensure_sampling(cfg, init_model, items, world)
     train_items = select_split(cfg, items, splits)
-    _seed_all(cfg.seed, world.rank)
+    seed_all(cfg.seed, world.rank)
     policy = load_policy(latest or init_model, dtype=_dtype(cfg, world), device=world.device)
     reference = None
     if cfg.kl_coef > 0:  # the frozen starting policy of this stage
