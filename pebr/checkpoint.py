@@ -146,7 +146,9 @@ class Checkpointer:
         final = self.path(step)
         tmp = world.broadcast_object(tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
                                      if world.is_main else None)
-        model_state = full_state_dict(policy.model, distributed=world.distributed)
+        # Sharded: gather the full weights to rank 0. A world of one lets save_pretrained read the model
+        # itself, as before scale-out (it knows the model's tied weights; a plain dict would not say).
+        model_state = full_state_dict(policy.model, distributed=True) if world.distributed else None
         if optimizer is not None:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
