@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from PIL import Image
@@ -43,6 +43,14 @@ class TaskItem:
     kind: str  # "perception" | "reasoning"
     reference_response: str
     scene: dict | None  # Scene.to_dict() for built-in items, None for loaded data
+    # Images after the first, in the order the record lists them (EasyR1-style rows can carry
+    # several); the prompt shows every image, then the text. Built-in items have one image.
+    extra_images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the item, first one first."""
+        return [self.image, *self.extra_images]
 
 
 @dataclass
