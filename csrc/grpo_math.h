@@ -207,7 +207,7 @@ GRPO_HD float token_grad(float lp, float old, float ref, float a, const Params& 
   const float pg2 = -a * clampf(ratio, p.lo, p.hi);
   const float g1 = (lr >= -20.f && lr <= 20.f) ? -a * ratio : 0.f;  // d pg1
   const float g2 = (ratio >= p.lo && ratio <= p.hi) ? g1 : 0.f;      // d pg2
-  float g = pg1 > pg2 ? g1 : (pg1 < pg2 ? g2 : 0.5f * (g1 + g2));
+  float g = pg1 > pg2 ? g1 : (pg1 < pg2 ? g2 : 0.5f * g1 + 0.5f * g2);
   if (p.has_dual && a < 0.f) {
     const float pg = fmaxf(pg1, pg2), pg3 = -a * p.dual;  // pg3 is a constant: gradient 0
     g = pg > pg3 ? 0.f : (pg < pg3 ? g : 0.5f * g);
@@ -318,7 +318,7 @@ inline Vec token_grad_vec(const Vec& lp, const Vec& old, const Vec& ref, const V
   const Vec pg2 = na * clamp(ratio, Vec(p.lo), Vec(p.hi));
   const Vec g1 = Vec::blendv(zero, na * ratio, (lr >= Vec(-20.f)) & (lr <= Vec(20.f)));  // d pg1
   const Vec g2 = Vec::blendv(zero, g1, (ratio >= Vec(p.lo)) & (ratio <= Vec(p.hi)));   // d pg2
-  Vec g = Vec::blendv(Vec::blendv(half * (g1 + g2), g2, pg1 < pg2), g1, pg1 > pg2);
+  Vec g = Vec::blendv(Vec::blendv(half * g1 + half * g2, g2, pg1 < pg2), g1, pg1 > pg2);
   if (p.has_dual) {
     const Vec pg = maximum(pg1, pg2), pg3 = na * Vec(p.dual);  // pg3 is a constant: gradient 0
     const Vec gd = Vec::blendv(Vec::blendv(half * g, g, pg < pg3), zero, pg > pg3);

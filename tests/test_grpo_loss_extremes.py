@@ -63,3 +63,17 @@ def test_bad_mask_values_raise(backend_name, device, value):
     mask[1, 2] = value
     with engine.backend(backend_name), pytest.raises(ValueError, match=r"mask must hold finite weights >= 0.*\[1, 2\]"):
         ops.grpo_loss(torch.randn(2, 3, device=device), torch.randn(2, device=device), mask)
+
+
+@pytest.mark.parametrize("upstream", [0.0, 1.0])
+def test_huge_advantage_gradient_stays_finite(backend_name, device, upstream):
+    """A = 3e38 at a ratio of 1 (a tie of the two PPO terms): autograd splits the gradient as
+    0.5*g1 + 0.5*g2; summing first (g1 + g2 = -6e38) overflowed to -inf in the kernels, and an
+    upstream 0 then gave NaN. Expected: -A/T per token (token-mean over T = 2), times upstream."""
+    x = torch.tensor([[-0.1, -0.2]], device=device, requires_grad=True)
+    with engine.backend(backend_name):
+        loss, _ = ops.grpo_loss(x, torch.tensor([3e38], device=device), torch.ones(1, 2, device=device))
+    (loss * upstream).backward()
+    assert float(loss) == -float("inf")  # -A summed over two tokens overflows fp32: documented
+    expect = torch.full((1, 2), -1.5e38 * upstream)
+    torch.testing.assert_close(x.grad.cpu(), expect, rtol=1e-6, atol=0)

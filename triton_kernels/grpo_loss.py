@@ -39,7 +39,7 @@ def _pg_terms(lp, old, a, lo, hi, dual, HAS_DUAL: tl.constexpr):
     high = pg1 < pg2
     g1 = tl.where((lr >= -20.0) & (lr <= 20.0), na * ratio, 0.0)
     g2 = tl.where((ratio >= lo) & (ratio <= hi), g1, 0.0)
-    g = tl.where(pg1 > pg2, g1, tl.where(pg1 < pg2, g2, 0.5 * (g1 + g2)))
+    g = tl.where(pg1 > pg2, g1, tl.where(pg1 < pg2, g2, 0.5 * g1 + 0.5 * g2))
     low = tl.zeros_like(high)
     if HAS_DUAL:
         neg = a < 0.0
