@@ -130,6 +130,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones removed)")
     progress: bool = opt(True, "tqdm progress bar with the running reward")
     log_every: int = opt(10, "one line per this many steps (step, reward, accuracy, loss, kl, step time) to the log and train.log")
+    tensorboard: bool = opt(False, "also write TensorBoard event files to <stage folder>/tensorboard (needs the tensorboard package)")
 
     sft: SFTConfig = field(default_factory=SFTConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -4,6 +4,7 @@ Each `log` appends one line `{"step": s, ...}` and flushes + fsyncs it, so a kil
 at most the line being written. A torn last line (no newline) is cut off when the log is opened
 again, so the next line does not glue onto it. On resume from a checkpoint at step s,
 `truncate_after(s)` drops the lines of steps > s, which the resumed run will write again.
+`MetricsLog(path, tensorboard=True)` also writes the numeric metrics as TensorBoard scalars.
 """
 from __future__ import annotations
 
@@ -37,28 +38,76 @@ def _plain(value: Any) -> Any:
 def read_metrics(path: str) -> list[dict]:
     """Every well-formed line of a metrics file, in order; torn or garbled lines are skipped.
     A missing file gives []."""
+    return read_metrics_counted(path)[0]
+
+
+def read_metrics_counted(path: str) -> tuple[list[dict], int]:
+    """(`read_metrics(path)`, how many non-blank lines were skipped as malformed)."""
     if not os.path.isfile(path):
-        return []
-    records = []
+        return [], 0
+    records, skipped = [], 0
     with open(path, "rb") as f:
         for raw in f:
+            if not raw.strip():
+                continue
             try:
                 record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
+                record = None
             if isinstance(record, dict):
                 records.append(record)
-    return records
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter; ValueError with one sentence when the tensorboard
+    package is missing (tests replace this function with a fake writer)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {exc}") from None
+    return SummaryWriter
+
+
+def check_tensorboard() -> None:
+    """Raise the ValueError of `summary_writer_class` now, before a run loads anything."""
+    summary_writer_class()
+
+
+def _scalar(value: Any) -> float | None:
+    """A metric value TensorBoard can plot: a finite int or float (not bool), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 class MetricsLog:
-    """Append-only JSONL metrics file (`path`, folders created)."""
+    """Append-only JSONL metrics file (`path`, folders created).
 
-    def __init__(self, path: str):
+    tensorboard: also write each numeric metric as a TensorBoard scalar (tag = metric name,
+    step = the step) to `<path's folder>/tensorboard`; needs the tensorboard package (ValueError
+    otherwise). The event files follow the JSONL file: steps after its last line, or after the
+    step of `truncate_after`, are purged from TensorBoard's view when written again."""
+
+    def __init__(self, path: str, *, tensorboard: bool = False):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._cut_torn_tail()
+        self._tb = None
+        self.tensorboard_dir = os.path.join(os.path.dirname(os.path.abspath(self.path)), "tensorboard") if tensorboard else None
+        if tensorboard:
+            last = max((r["step"] for r in read_metrics(self.path) if isinstance(r.get("step"), int)), default=0)
+            self._open_tensorboard(purge_after=last)
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def _open_tensorboard(self, *, purge_after: int) -> None:
+        # purge_step: TensorBoard drops the events of earlier writers in this folder at steps >=
+        # it (a fresh run after a removed metrics file, or a resume that rewrites steps).
+        if self._tb is not None:
+            self._tb.close()
+        self._tb = summary_writer_class()(log_dir=self.tensorboard_dir, purge_step=purge_after + 1)
 
     def _cut_torn_tail(self) -> None:
         if not os.path.isfile(self.path):
@@ -94,6 +143,11 @@ class MetricsLog:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and (x := _scalar(value)) is not None:
+                    self._tb.add_scalar(key, x, record["step"])
+            self._tb.flush()  # TensorBoard shows the step now, not after its 2-minute flush timer
         return record
 
     def append(self, record: Mapping[str, Any]) -> dict:
@@ -126,6 +180,8 @@ class MetricsLog:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
+        if self._tb is not None:
+            self._open_tensorboard(purge_after=step)
         return dropped
 
     def read(self) -> list[dict]:
@@ -134,6 +190,9 @@ class MetricsLog:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def __enter__(self) -> "MetricsLog":
         return self

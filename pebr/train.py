@@ -36,7 +36,7 @@ log = logging.getLogger("pebr")
 # ---- command line (flags generated from the config fields: pebr.cli)
 
 _RUN = ("model", "data", "output_dir", "max_steps", "resume", "seed", "device", "dtype", "save_every",
-        "keep_checkpoints", "progress", "log_every")
+        "keep_checkpoints", "progress", "log_every", "tensorboard")
 _SCALE_OUT = ("dist_backend", "cpu_offload", "gradient_checkpointing")
 _ALIASES = {"group_size": ["-n"]}
 _SFT_ALIASES = {"num_items": ["--sft-items"], "batch_size": ["--sft-batch"]}  # the flags' first names
@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         check_device(cfg.device)
+        if cfg.tensorboard:  # missing package: one line now, not a traceback after loading and sampling
+            from pebr.metrics_log import check_tensorboard
+
+            check_tensorboard()
         if cfg.model:
             cfg = dataclasses.replace(cfg, model=resolve_model_path(cfg.model))
     except ValueError as exc:
