@@ -176,7 +176,7 @@ def test_model_accepts_stage_and_checkpoints_folders(out, tmp_path, capsys):
     # eval: a stage folder, responses under --output-dir OUT/eval/
     pebr_eval.main(["--model", str(out / "stage0"), "--num-items", "2", "--max-new-tokens", "4",
                     "--output-dir", str(tmp_path / "o")])
-    (resp,) = (tmp_path / "o" / "eval").iterdir()
+    (resp,) = (tmp_path / "o" / "eval").glob("*.jsonl")
     assert "step_" in resp.name and len(resp.read_text().splitlines()) == 2
     assert f"model {latest}" in capsys.readouterr().out
 
