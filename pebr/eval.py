@@ -265,7 +265,10 @@ def main(argv=None) -> int:
         if args.data:
             from pebr.data import load_records
 
-            res = load_records(args.data)
+            try:
+                res = load_records(args.data)
+            except (OSError, ValueError) as exc:  # a missing, unreadable or non-record file: one line
+                raise SystemExit(f"error: {exc}")
             print(res.summary(), file=sys.stderr)
             items = res.items
         else:

@@ -99,7 +99,7 @@ def test_malformed_rows_and_corrupt_images_skipped_with_row_numbers(tmp_path):
         json.dumps([1, 2, 3]),                                                            # 4 not an object
         "",                                                                               # 5 blank: ignored
         json.dumps({"images": ["missing.png"], "problem": "q", "answer": "1"}),           # 6
-        json.dumps({"images": ["ok.png", "ok.png"], "problem": "q", "answer": "1"}),      # 7 two images
+        json.dumps({"images": ["ok.png", "ok.png"], "problem": "<image> q", "answer": "1"}),  # 7 1 <image>, 2 images
         json.dumps({"images": ["ok.png"], "problem": "q", "answer": "1", "key_words": {"a": 1}}),  # 8
         json.dumps({"images": ["truncated.png"], "problem": "q", "answer": "1"}),         # 9
         json.dumps({"images": [data_uri], "problem": "good 10", "answer": "1"}),          # 10 ok
