@@ -6,7 +6,7 @@
 
 One step: take `rollout_batch` prompts in the global data order, this rank's share of them
 (pebr.distributed.World.share); `rollout` samples n responses each (groups stay together on
-their rank, the image is encoded once per prompt); `score` runs the stage's reward;
+their rank, each image is encoded once per prompt); `score` runs the stage's reward;
 `engine.ops.group_advantages` normalizes within each group (no communication: groups are whole);
 `update` runs one `minibatch_step` (one AdamW step) per mini-batch of groups, each accumulating
 micro-batches, with log-probs from `engine.ops.linear_token_logprobs` on the last hidden states
@@ -181,7 +181,7 @@ class GRPOTrainer(Trainer):
             return response_logprobs(
                 model, seq, att, prompt_len=L, group_size=n, image_feats=feats,
                 image_grid_thw=sub.prompt.image_grid_thw, image_token_id=image_token_id,
-                temperature=temperature, return_entropy=entropy,
+                temperature=temperature, return_entropy=entropy, images_per_prompt=sub.prompt.images_per_prompt,
             )
 
         with torch.set_grad_enabled(grad):

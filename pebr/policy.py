@@ -3,10 +3,11 @@
     policy = build_tiny_policy(seed=0)           # random-init tiny Qwen2.5-VL + tokenizer built here
     policy = load_policy("path/to/hf_folder")    # any Qwen2-VL / Qwen2.5-VL folder (safetensors)
     batch = policy.encode_prompts(images, problems)   # left-padded prompt ids + vision inputs
+    batch = policy.encode_prompts([[a, b], c], problems)  # a prompt may show several images
     policy.save(folder)                          # save_pretrained: model, tokenizer, preprocessor
 
-Prompts go through the tokenizer's chat template (one image, then the text); the single
-<|image_pad|> is expanded to the image's token count, as Qwen's processor does.
+Prompts go through the tokenizer's chat template (the prompt's images, in order, then the text);
+each image's <|image_pad|> is expanded to that image's token count, as Qwen's processor does.
 """
 from __future__ import annotations
 
@@ -38,17 +39,75 @@ class TinySize:
 
 @dataclasses.dataclass
 class PromptBatch:
-    """P prompts, left-padded. input_ids/attention_mask/mm_token_type_ids: [P, L];
-    pixel_values: [N, C*Tp*P*P]; image_grid_thw: [P, 3] (one image per prompt)."""
+    """P prompts, left-padded, showing I images in all (prompt p shows images_per_prompt[p] >= 1).
+
+    input_ids / attention_mask / mm_token_type_ids: [P, L]
+    pixel_values: [N, C*Tp*P*P], N = sum over the I images of prod(image_grid_thw[i])
+    image_grid_thw: [I, 3]
+    images_per_prompt: [P] int64, summing to I (default: one image per prompt)
+
+    Images are in prompt order, and within a prompt in the order its text shows them: the layout
+    transformers' Qwen2-VL / 2.5-VL take (they walk the image tokens of the flattened batch and
+    the rows of image_grid_thw together). `select` takes a subset of prompts with their rows.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mm_token_type_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    images_per_prompt: torch.Tensor | None = None
+
+    def __post_init__(self):
+        P, I = self.input_ids.shape[0], self.image_grid_thw.shape[0]
+        if self.images_per_prompt is None:  # the one-image layout every caller had before several images
+            self.images_per_prompt = torch.ones(P, dtype=torch.long, device=self.image_grid_thw.device)
+        counts = self.images_per_prompt
+        if counts.shape != (P,) or int(counts.sum()) != I or bool((counts < 1).any()):
+            raise ValueError(f"images_per_prompt must hold P={P} counts >= 1 summing to the {I} rows of "
+                             f"image_grid_thw, got {counts.tolist()}")
+
+    def image_index(self, prompts: list[int]) -> torch.Tensor:
+        """Rows of image_grid_thw (images) of these prompts, in the order given: [sum of their counts]."""
+        counts = self.images_per_prompt.tolist()
+        starts = _starts(counts)
+        return _ranges([(starts[p], counts[p]) for p in prompts])
+
+    def pixel_index(self, prompts: list[int]) -> torch.Tensor:
+        """Rows of pixel_values of these prompts: each image owns prod(grid_thw) consecutive rows."""
+        sizes = self.image_grid_thw.prod(-1).tolist()
+        starts = _starts(sizes)
+        return _ranges([(starts[i], sizes[i]) for i in self.image_index(prompts).tolist()])
+
+    def select(self, prompts: list[int]) -> "PromptBatch":
+        """These prompts only (in the order given), with their images' grid and pixel rows."""
+        dev = self.pixel_values.device
+        return PromptBatch(
+            input_ids=self.input_ids[prompts],
+            attention_mask=self.attention_mask[prompts],
+            mm_token_type_ids=self.mm_token_type_ids[prompts],
+            pixel_values=self.pixel_values[self.pixel_index(prompts).to(dev)],
+            image_grid_thw=self.image_grid_thw[self.image_index(prompts).to(self.image_grid_thw.device)],
+            images_per_prompt=self.images_per_prompt[prompts],
+        )
 
     def to(self, device) -> "PromptBatch":
         return PromptBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def _ranges(spans: list[tuple[int, int]]) -> torch.Tensor:
+    """(start, length) spans -> the concatenated aranges, int64."""
+    if not spans:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in spans])
 
 
 @dataclasses.dataclass
@@ -82,24 +141,35 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt_text(self, problem: str) -> str:
-        """The chat-formatted prompt (image first, then `build_prompt(problem)`), ready for the answer."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(problem)}]}]
+    def prompt_text(self, problem: str, *, num_images: int = 1) -> str:
+        """The chat-formatted prompt (its `num_images` images, then `build_prompt(problem)`), ready for the answer."""
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": build_prompt(problem)}]
+        messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode_prompts(self, images, problems) -> PromptBatch:
-        """images: P PIL images, problems: P strings -> PromptBatch (left-padded)."""
+        """images: P entries, each one PIL image or a list of PIL images (the prompt's images, in
+        order); problems: P strings -> PromptBatch (left-padded, images in prompt order)."""
         if len(images) != len(problems):
             raise ValueError(f"images ({len(images)}) and problems ({len(problems)}) must have the same length")
-        pixel_values, grid = self.images(images)
+        per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        empty = [p for p, ims in enumerate(per_prompt) if not ims]
+        if empty:
+            raise ValueError(f"every prompt needs at least one image; prompts {empty} have none")
+        # One call for every image of the batch: the same pixel rows as one call per prompt.
+        pixel_values, grid = self.images([im for ims in per_prompt for im in ims])
         n_tok = self.images.num_tokens(grid).tolist()
         pad_tok = "<|image_pad|>"
-        rows = []
-        for problem, n in zip(problems, n_tok):
-            text = self.prompt_text(problem)
-            if text.count(pad_tok) != 1:
-                raise ValueError(f"the chat template must place exactly one {pad_tok}, got {text.count(pad_tok)}")
-            rows.append(self.tokenizer(text.replace(pad_tok, pad_tok * n), add_special_tokens=False).input_ids)
+        rows, first = [], 0
+        for problem, ims in zip(problems, per_prompt):
+            parts = self.prompt_text(problem, num_images=len(ims)).split(pad_tok)
+            if len(parts) - 1 != len(ims):
+                raise ValueError(f"the chat template must place one {pad_tok} per image ({len(ims)}), "
+                                 f"got {len(parts) - 1}")
+            counts, first = n_tok[first : first + len(ims)], first + len(ims)
+            # The k-th placeholder becomes the k-th image's tokens (one image: text.replace(pad, pad * n)).
+            text = parts[0] + "".join(pad_tok * n + rest for n, rest in zip(counts, parts[1:]))
+            rows.append(self.tokenizer(text, add_special_tokens=False).input_ids)
         ids, mask = left_pad(rows, pad_id=self.pad_id)
         return PromptBatch(
             input_ids=ids,
@@ -107,6 +177,7 @@ class Policy:
             mm_token_type_ids=(ids == self.image_token_id).to(torch.int32),
             pixel_values=pixel_values.to(self.model.dtype),
             image_grid_thw=grid,
+            images_per_prompt=torch.tensor([len(ims) for ims in per_prompt], dtype=torch.long),
         )
 
     def save(self, folder: str | os.PathLike, *, state_dict: dict | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Rollouts: P prompts (each with its image) -> P groups of n sampled responses.
+"""Rollouts: P prompts (each with its images) -> P groups of n sampled responses.
 
     ro = generate_rollouts(policy, items, n=8, temperature=1.0, top_p=1.0, max_new_tokens=96)
     ro.texts[i]            # response i (rows i*n .. i*n+n-1 belong to prompt i)
@@ -8,9 +8,10 @@
 The one interface a rollout engine implements (`RolloutEngine.generate`): prompts with their
 images, n and the sampling settings in; token ids, the sampled tokens' log-probs and lengths out.
 `HFRollout` is transformers' `generate` with a KV cache; an inference engine (vLLM) can implement
-the same method later. The image is encoded once per prompt: the vision tower runs on the P
-prompts and its output reaches the P*n rows through `mm_encoder_outputs`. Under FSDP the engine
-runs with every parameter gathered for the whole generation (`pebr.fsdp.gathered`).
+the same method later. Each image is encoded once per prompt: the vision tower runs on the P
+prompts' images (one or more each) and its output reaches the P*n rows through
+`mm_encoder_outputs`. Under FSDP the engine runs with every parameter gathered for the whole
+generation (`pebr.fsdp.gathered`).
 
 The log-probs are of softmax(logits / T) after transformers' suppression of the vision tokens
 (`suppress_tokens`), before top-p: what the trainer recomputes, except for the suppressed tokens'
@@ -23,7 +24,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from pebr.logprobs import encoder_outputs, image_features
+from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
 from pebr.policy import Policy, PromptBatch
 
 
@@ -54,18 +55,10 @@ class Rollouts:
         n = self.group_size
         rows = [g * n + j for g in groups for j in range(n)]
         idx = torch.tensor(rows, dtype=torch.long)
-        p = self.prompt
-        pix_rows = _pixel_rows(p.image_grid_thw, groups)
         return Rollouts(
             items=[self.items[g] for g in groups],
             group_size=n,
-            prompt=PromptBatch(
-                input_ids=p.input_ids[groups],
-                attention_mask=p.attention_mask[groups],
-                mm_token_type_ids=p.mm_token_type_ids[groups],
-                pixel_values=p.pixel_values[pix_rows],
-                image_grid_thw=p.image_grid_thw[groups],
-            ),
+            prompt=self.prompt.select(groups),  # a prompt's images and pixel rows go with it
             sequences=self.sequences[idx],
             attention_mask=self.attention_mask[idx],
             response_mask=self.response_mask[idx],
@@ -74,13 +67,6 @@ class Rollouts:
             truncated=[self.truncated[r] for r in rows],
             logprobs=None if self.logprobs is None else self.logprobs[idx],
         )
-
-
-def _pixel_rows(grid_thw: torch.Tensor, groups: list[int]) -> torch.Tensor:
-    # pixel_values rows of each image: image i owns prod(grid_thw[i]) consecutive rows.
-    sizes = grid_thw.prod(-1)
-    starts = torch.cumsum(sizes, 0) - sizes
-    return torch.cat([torch.arange(int(starts[g]), int(starts[g] + sizes[g])) for g in groups])
 
 
 def response_mask_from(responses: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, list[bool]]:
@@ -166,12 +152,13 @@ class HFRollout:
 
         def _generate(model):
             feats = image_features(model, prompt.pixel_values, prompt.image_grid_thw)
+            counts = prompt.images_per_prompt
             return model.generate(
                 input_ids=rep(prompt.input_ids),
                 attention_mask=rep(prompt.attention_mask),
-                image_grid_thw=rep(prompt.image_grid_thw),
+                image_grid_thw=rows_image_grid(prompt.image_grid_thw, n, counts),
                 mm_token_type_ids=rep(prompt.mm_token_type_ids),
-                mm_encoder_outputs=encoder_outputs(feats, n),
+                mm_encoder_outputs=encoder_outputs(feats, n, counts),
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=policy.eos_ids,
                 pad_token_id=policy.pad_id,
@@ -210,7 +197,7 @@ def generate_rollouts(
     model = policy.model
     was_training = model.training
     model.eval()
-    prompt = policy.encode_prompts([it.image for it in items], [it.problem for it in items]).to(policy.device)
+    prompt = policy.encode_prompts([item_images(it) for it in items], [it.problem for it in items]).to(policy.device)
     engine = engine or HFRollout(policy)
     gen = engine.generate(prompt, SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens))
     model.train(was_training)
@@ -235,3 +222,9 @@ def generate_rollouts(
         truncated=truncated,
         logprobs=gen.logprobs.float(),
     )
+
+
+def item_images(item) -> list:
+    """Every image of an item, first one first (TaskItem.images; an item with only `.image` has one)."""
+    images = getattr(item, "images", None)
+    return list(images) if images is not None else [item.image]

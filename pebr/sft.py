@@ -4,7 +4,7 @@
     trainer.train()
 
 Loss: the token-mean negative log-likelihood of each reference response (and its <|im_end|>)
-given the prompt and image, from `engine.ops.linear_token_logprobs` on the last hidden states.
+given the prompt and its images, from `engine.ops.linear_token_logprobs` on the last hidden states.
 The loop, checkpoints and data parallelism are pebr.trainer.Trainer's: one step is one
 `minibatch_step` over the batch's micro-batches, each weighted by its share of the batch's
 response tokens counted over every rank.
@@ -19,12 +19,15 @@ import torch
 
 from pebr.checkpoint import DataOrder
 from pebr.logprobs import image_features, response_logprobs
+from pebr.rollout import item_images
 from pebr.trainer import Trainer
 
 
 @dataclasses.dataclass
 class SFTBatch:
-    """sequences/attention_mask: [B, L+R]; response_mask: [B, R]; prompt_len L."""
+    """sequences/attention_mask: [B, L+R]; response_mask: [B, R]; prompt_len L;
+    pixel_values: [N, C*Tp*P*P]; image_grid_thw: [I, 3]; images_per_prompt: [B] summing to I
+    (None: one image per row). Images in row order, as `PromptBatch` holds them."""
 
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -32,11 +35,12 @@ class SFTBatch:
     prompt_len: int
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    images_per_prompt: torch.Tensor | None = None
 
 
 def make_sft_batch(policy, items) -> SFTBatch:
     """Items with a reference response -> prompt (left-padded) + response + <|im_end|> (right-padded)."""
-    prompt = policy.encode_prompts([it.image for it in items], [it.problem for it in items])
+    prompt = policy.encode_prompts([item_images(it) for it in items], [it.problem for it in items])
     end = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
     resp = [policy.tokenizer(it.reference_response, add_special_tokens=False).input_ids + [end] for it in items]
     R = max(len(r) for r in resp)
@@ -52,6 +56,7 @@ def make_sft_batch(policy, items) -> SFTBatch:
         prompt_len=prompt.input_ids.shape[1],
         pixel_values=prompt.pixel_values,
         image_grid_thw=prompt.image_grid_thw,
+        images_per_prompt=prompt.images_per_prompt,
     )
 
 
@@ -104,6 +109,7 @@ class SFTTrainer(Trainer):
             return response_logprobs(
                 model, b.sequences.to(dev), b.attention_mask.to(dev), prompt_len=b.prompt_len, group_size=1,
                 image_feats=feats, image_grid_thw=b.image_grid_thw.to(dev), image_token_id=self.policy.image_token_id,
+                images_per_prompt=b.images_per_prompt,
             )
 
         logp = self.run(fn)

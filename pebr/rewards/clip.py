@@ -1,5 +1,6 @@
 """The clip term of the stage-1 reward: `min(1, cos/0.4)` of the image description against the
-image under a CLIP-family model from a local folder."""
+image (an item with several images: the mean cosine over them) under a CLIP-family model from a
+local folder."""
 from __future__ import annotations
 
 import json
@@ -163,16 +164,26 @@ def clip_score_to_reward(cos: float) -> float:
 
 def clip_reward(response: Any, image, scorer: ClipScorer, *, failures: RewardFailures | None = None) -> float:
     """`min(1, cos/0.4)` of the image description against `image` (0 without a description, or
-    when the scorer raises: a scorer failure costs the response its clip term, not the run)."""
+    when the scorer raises: a scorer failure costs the response its clip term, not the run).
+
+    image: one image, or a list of the item's images: then cos is the mean cosine of the
+    description against each. Why the mean, not the first image: the prompt shows every image,
+    so the description should be of all of them, and scoring the first alone would pay a
+    response that ignores the rest as much as one that describes them; a mean of cosines (not the cosine to a mean
+    embedding) keeps one image's score the same as before and each image's weight equal."""
     description = extract_description(response)
     if description is None:
         count_failure(failures, "not_text" if as_text(response) is None else "no_description")
         return 0.0
     if not description:
         return 0.0
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:  # nothing to compare against: no visual evidence, no clip term
+        return 0.0
     try:
-        (cos,) = scorer.similarity([description], [image])
+        # The description repeated per image: similarity pairs texts with images one to one.
+        cos = scorer.similarity([description] * len(images), images)
     except Exception:
         count_failure(failures, "scorer_error")
         return 0.0
-    return clip_score_to_reward(cos)
+    return clip_score_to_reward(sum(cos) / len(cos))

@@ -66,7 +66,8 @@ def perception_reward(
 ) -> dict[str, float]:
     """Stage-1 reward of one response: {"overall", "clip" or "scene", "keyword", "format", "length"}.
 
-    item: a TaskItem (uses `.image`, `.key_words`, `.scene`).
+    item: a TaskItem (uses `.images` (or `.image`), `.key_words`, `.scene`); with several images
+    the clip term is the mean cosine of the description over them (see `clip_reward`).
     num_tokens: the response length in tokens (for the length term).
     scorer: a ClipScorer; without one, built-in items use `scene_reward` (key "scene") and items
     without a scene drop the visual term, the others' weights renormalised to sum as before.
@@ -81,7 +82,8 @@ def perception_reward(
     if not_text:  # counted once here, not once per term
         count_failure(failures, "not_text")
     if term == "clip":
-        out["clip"] = 0.0 if not_text else clip_reward(response, item.image, scorer, failures=failures)
+        images = getattr(item, "images", None) or [item.image]
+        out["clip"] = 0.0 if not_text else clip_reward(response, images, scorer, failures=failures)
     elif term == "scene":
         out["scene"] = 0.0 if not_text else scene_reward(response, item.scene, failures=failures)
     w = {"clip": weights.clip, "scene": weights.clip, "keyword": weights.keyword, "format": weights.format,
