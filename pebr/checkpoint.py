@@ -8,6 +8,7 @@
     state = load_trainer_state(path)                   # step, data position, schedule, config
     ckpt.load_optimizer(path, model, opt, state)       # at any world size
     rng = ckpt.load_rng(path, rank)                    # this rank's RNG streams, or None
+    set_rng_state(rng)                                 # rng_state()'s tensors and numbers back in the RNGs
 
 What a checkpoint holds: the model as a `save_pretrained` folder written by rank 0 from the full
 state dict (gathered from the FSDP shards to the CPU), so transformers loads it as is;
@@ -23,11 +24,28 @@ pointer is a small file replaced with `os.replace`. Old checkpoints are renamed 
 trash name before being deleted. So every visible `step_*` folder is complete, and `latest`
 names one of them; leftovers of a killed write are hidden and swept on the next start.
 The model folder is an ordinary `save_pretrained` folder: transformers loads it as is.
+
+A failed write (a full disk, an error on any rank) removes its temp folder and raises on every
+rank: OSError ENOSPC "no space left on device ..." when the disk is full, whatever words the
+writer used (torch.save says `basic_ios::clear: iostream error`); `latest` still names the
+previous checkpoint.
+
+Loading trusts no file: `rng_rank{r}.pt` and a legacy `trainer_state.pt` are read with
+`torch.load(weights_only=True)` (RNG states are stored as tensors and plain numbers; older files'
+NumPy key arrays are allowed, nothing else), the optimizer's `.metadata` pickle is checked against
+torch.distributed.checkpoint's own record types before dcp reads it, and `latest` is followed
+only to a `step_NNNNNNN` folder inside its own folder. Anything else: CheckpointError saying so.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
+import errno
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -41,7 +59,45 @@ STATE_FILE = "trainer_state.json"
 LEGACY_STATE_FILE = "trainer_state.pt"  # checkpoints written before torch.distributed.checkpoint
 OPTIMIZER_DIR = "optimizer"
 LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"step_([0-9]+)")  # fullmatch: a plain name, nothing before or after
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+log = logging.getLogger("pebr")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded or could not be written; the message says why."""
+
+
+def _free_bytes(folder: str) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _size(n: int | None) -> str:
+    return "unknown space" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _is_disk_full(exc: BaseException, free: int | None) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT anywhere in its chain, the OS's words
+    in its text (safetensors and torch.save wrap the OSError), or almost nothing left on the disk
+    (torch.save's `basic_ios::clear: iostream error` says nothing at all)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        text = str(exc).lower()
+        if "no space left" in text or "os error 28" in text or "quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return free is not None and free < 64 * 2**20
 
 
 def _fsync_tree(folder: str) -> None:
@@ -81,26 +137,48 @@ def _is_complete(path: str) -> bool:
     return has_state and os.path.isfile(os.path.join(path, "config.json"))
 
 
+def _inside(root: str, path: str) -> bool:
+    """Whether `path`, links followed, is an entry of the folder `root`."""
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(root)
+
+
 def _complete_steps(root: str) -> list[int]:
     out = []
     for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m and _is_complete(os.path.join(root, name)):
+        m = _STEP_DIR.fullmatch(name)
+        path = os.path.join(root, name)
+        if m and _is_complete(path):
+            if not _inside(root, path):
+                log.warning(f"checkpoints: ignoring {path}: a link to {os.path.realpath(path)}, outside {root}")
+                continue
             out.append(int(m.group(1)))
     return sorted(out)
 
 
 def find_latest(root: str | os.PathLike) -> str | None:
     """The checkpoint under `root` that its `latest` pointer names, or the newest complete one if
-    the pointer is missing or stale; None when there is none (or no `root`). Creates nothing."""
+    the pointer is missing or stale (names a step folder that is gone or incomplete); None when
+    there is none (or no `root`). Creates nothing.
+
+    The pointer is followed only to a folder of `root` itself: a plain `step_NNNNNNN` name, not a
+    link leading elsewhere. Anything else (`../..`, an absolute path, an escaping link) is no
+    pointer this code wrote: CheckpointError rather than a silent fall-back, so a tampered or
+    hand-edited pointer is seen, not resumed around."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         return None
     pointer = os.path.join(root, LATEST)
     if os.path.isfile(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
+        with open(pointer, encoding="utf-8", errors="replace") as f:
+            name = f.read(4096).strip()
         cand = os.path.join(root, name)
+        if name and not _STEP_DIR.fullmatch(name):
+            raise CheckpointError(f"{pointer} names {name[:200]!r}, not a step_NNNNNNN folder beside it: refusing to "
+                                  f"follow it outside {root}; fix or delete the file (then the newest complete "
+                                  f"checkpoint is used)")
+        if name and os.path.lexists(cand) and not _inside(root, cand):
+            raise CheckpointError(f"{pointer} names {name}, a link to {os.path.realpath(cand)} outside {root}: "
+                                  f"refusing to follow it; replace the link by the checkpoint folder itself")
         if name and _is_complete(cand):
             return cand
     steps = _complete_steps(root)
@@ -144,11 +222,46 @@ class Checkpointer:
 
         world = world or World()
         final = self.path(step)
-        tmp = world.broadcast_object(tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
-                                     if world.is_main else None)
+        tmp, error = None, None
+        if world.is_main:
+            try:
+                tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
+            except OSError as exc:
+                error = exc
+        tmp = world.broadcast_object(tmp)
         # Sharded: gather the full weights to rank 0. A world of one lets save_pretrained read the model
         # itself, as before scale-out (it knows the model's tied weights; a plain dict would not say).
         model_state = full_state_dict(policy.model, distributed=True) if world.distributed else None
+        try:
+            if tmp is not None:
+                self._write_parts(tmp, policy, state, world, optimizer, rng, model_state)
+        except Exception as exc:  # a full disk shows as OSError, RuntimeError, SafetensorError, ...: all fail alike
+            error = exc
+        # every rank's files are in tmp, or some rank failed: then all fail together, none waits
+        if world.max([0.0 if error is None else 1.0])[0] > 0:
+            self._failed_save(step, tmp, error, world)
+        if world.is_main:
+            try:
+                _make_readable(tmp)
+                _chmod_add(self.root, 0o755)
+                _fsync_tree(tmp)  # a full disk may show only here (delayed allocation)
+            except OSError as exc:
+                error = exc
+        if world.max([0.0 if error is None else 1.0])[0] > 0:
+            self._failed_save(step, tmp, error, world)
+        if world.is_main:
+            if os.path.exists(final):  # a re-run of the same step: move the old one out of the way first
+                self._trash(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._point_latest(os.path.basename(final))
+            self._prune(keep_name=os.path.basename(final))
+        world.barrier()  # nobody returns before the checkpoint is visible
+        return final
+
+    def _write_parts(self, tmp: str, policy, state: dict, world, optimizer, rng: dict | None, model_state) -> None:
+        """This rank's files of a checkpoint into `tmp`: optimizer shard, RNG streams; rank 0 also the
+        HF folder and trainer_state.json."""
         if optimizer is not None:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -164,19 +277,29 @@ class Checkpointer:
             policy.save(tmp, state_dict=model_state)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=1)
-        world.barrier()  # every rank's files are in tmp
-        if world.is_main:
-            _make_readable(tmp)
-            _chmod_add(self.root, 0o755)
-            _fsync_tree(tmp)
-            if os.path.exists(final):  # a re-run of the same step: move the old one out of the way first
-                self._trash(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._point_latest(os.path.basename(final))
-            self._prune(keep_name=os.path.basename(final))
-        world.barrier()  # nobody returns before the checkpoint is visible
-        return final
+
+    def _failed_save(self, step: int, tmp: str | None, error: BaseException | None, world) -> None:
+        """A save that failed on some rank: remove its temp folder (rank 0), raise on every rank.
+        A full disk reads "no space left on device" whatever the writer said (torch.save says
+        `basic_ios::clear: iostream error`)."""
+        free = _free_bytes(self.root)  # before the temp folder goes: afterwards the disk looks fine
+        if world.is_main and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            prev = find_latest(self.root)
+        except CheckpointError:
+            prev = None
+        kept = f"`latest` still names {os.path.basename(prev)}" if prev else "no earlier checkpoint"
+        if error is None:
+            raise CheckpointError(f"checkpoint step {step}: another rank failed to write its part (its error says "
+                                  f"why); the partial checkpoint was removed, {kept}")
+        if _is_disk_full(error, free):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint step {step} to {self.root} "
+                                        f"({_size(free)} free; the writer said: {_one_line(error)}); the partial "
+                                        f"checkpoint was removed, {kept}; free some space (or lower "
+                                        f"--keep-checkpoints) and --resume") from error
+        raise CheckpointError(f"checkpoint step {step} could not be written to {self.root}: {type(error).__name__}: "
+                              f"{_one_line(error)}; the partial checkpoint was removed, {kept}") from error
 
     def load_optimizer(self, path: str, model, optimizer, state: dict | None = None) -> None:
         """Restore the optimizer saved with checkpoint `path`, at this run's world size."""
@@ -186,6 +309,7 @@ class Checkpointer:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+            _check_dcp_metadata(opt_dir)  # dcp unpickles its .metadata without restriction
             osd = get_optimizer_state_dict(model, optimizer)  # the layout to read into (state initialized)
             box = {"optimizer": osd}
             with warnings.catch_warnings():
@@ -196,24 +320,30 @@ class Checkpointer:
             optimizer.load_state_dict(state["optimizer"])
 
     def load_rng(self, path: str, rank: int) -> dict | None:
-        """Rank `rank`'s RNG state saved with `path` (None when that rank did not exist then)."""
+        """Rank `rank`'s RNG state saved with `path` (None when that rank did not exist then).
+        Tensors and plain data only: CheckpointError for a file holding anything else."""
         f = os.path.join(path, f"rng_rank{rank}.pt")
         if os.path.isfile(f):
-            return torch.load(f, map_location="cpu", weights_only=False)
+            return _safe_load(f)
         state = None
         legacy = os.path.join(path, LEGACY_STATE_FILE)
         if rank == 0 and os.path.isfile(legacy):
-            state = torch.load(legacy, map_location="cpu", weights_only=False).get("rng")
+            state = _safe_load(legacy).get("rng")
         return state
 
     def _point_latest(self, name: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=self.root)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.root, LATEST))
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600
+            with os.fdopen(fd, "w") as f:
+                f.write(name + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.root, LATEST))
+        except BaseException:  # disk full: the old pointer stays, naming a complete checkpoint
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         _fsync_dir(self.root)
 
     def _trash(self, path: str) -> None:
@@ -254,7 +384,7 @@ def resolve_model_path(path: str | os.PathLike) -> str:
         return path
     for root in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(root) and (os.path.isfile(os.path.join(root, LATEST)) or
-                                    any(_STEP_DIR.match(n) for n in os.listdir(root))):
+                                    any(_STEP_DIR.fullmatch(n) for n in os.listdir(root))):
             found = find_latest(root)
             if found is None:
                 raise ValueError(f"--model {path}: {root} holds no complete checkpoint (a run killed before its first save?)")
@@ -284,21 +414,98 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
     if os.path.isfile(f):
         with open(f) as fh:
             return json.load(fh)
-    # checkpoints written before trainer_state.json (our own file: full unpickling is fine)
-    return torch.load(os.path.join(path, LEGACY_STATE_FILE), map_location="cpu", weights_only=False)
+    # checkpoints written before trainer_state.json: tensors and plain data only, like any file we read
+    return _safe_load(os.path.join(path, LEGACY_STATE_FILE))
+
+
+def _numpy_globals() -> list:
+    """What older pebr RNG files need besides tensors: NumPy's MT19937 key array (an ndarray
+    rebuilt by numpy's own constructor, which runs nothing else)."""
+    core = getattr(np, "_core", None) or np.core
+    out = [np.ndarray, np.dtype, (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+           (core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None and hasattr(dtypes, "UInt32DType"):
+        out.append(dtypes.UInt32DType)
+    return out
+
+
+def _safe_load(file: str):
+    """torch.load with weights_only=True (tensors and plain data; NumPy arrays for older files):
+    unpickling a checkpoint file never runs code from it. CheckpointError naming the file and
+    the object it asked for otherwise."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({m.group(1)})" if m else ""
+        raise CheckpointError(f"refusing to load {file}: it holds a Python object{what} that only full unpickling "
+                              f"could build, which could run code from the file; pebr writes tensors and plain data "
+                              f"only, so this file was not written by it (tampered, or from another tool)") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """What torch.distributed.checkpoint's .metadata may name: its own record types (dataclasses and
+    enums), dtypes and layouts, torch.Size, paths."""
+
+    def find_class(self, module: str, name: str):
+        obj = None
+        if module.startswith("torch.distributed.checkpoint.") or module in ("torch", "torch.serialization", "pathlib",
+                                                                              "collections"):
+            obj = super().find_class(module, name)
+        ok = (module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
+              and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+              or module == "torch" and (isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+                                        or name == "Size")
+              or module == "torch.serialization" and name == "_get_layout"
+              or module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",
+                                                  "PureWindowsPath")
+              or module == "collections" and name == "OrderedDict")
+        if not ok:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in checkpoint metadata")
+        return obj
+
+
+def _check_dcp_metadata(opt_dir: str) -> None:
+    """Unpickle the optimizer's .metadata files with only dcp's own record types (and dtypes,
+    sizes, paths) allowed, before torch.distributed.checkpoint unpickles them without limits."""
+    for name in os.listdir(opt_dir):
+        if name.endswith(".metadata"):
+            f = os.path.join(opt_dir, name)
+            try:
+                with open(f, "rb") as fh:
+                    _MetadataUnpickler(fh).load()
+            except (pickle.UnpicklingError, AttributeError, ImportError) as exc:
+                raise CheckpointError(f"refusing to load {f}: {exc}; pebr's optimizer metadata holds only "
+                                      f"torch.distributed.checkpoint's records, so this file was not written by "
+                                      f"it (tampered, or from another tool)") from None
 
 
 def rng_state() -> dict:
-    """Every RNG a run draws from: Python, NumPy, torch CPU (and CUDA where present)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from: Python, NumPy, torch CPU (and CUDA where present), as tensors
+    and plain data, so a checkpoint's RNG file loads with torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what rng_state() returned (or, from older checkpoints, the raw getstate() tuples)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
+    random.setstate(py)
+    nps = state["numpy"]
+    if isinstance(nps, dict):
+        nps = (nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+    np.random.set_state(nps)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,6 +21,7 @@ import torch
 
 from pebr import config as C
 from pebr.distributed import World, seed_all
+from pebr.run_lock import hold
 
 SFT_SEED = 2  # procedural warm-up items: a pool of their own
 
@@ -117,12 +118,17 @@ class _StepLog:
 def run_sft(cfg, world: World | None = None) -> str:
     """Stage 0 -> path of the warm-up policy (OUT/stage0's latest checkpoint)."""
     world = world or World(device=torch.device(cfg.device))
+    _setup_logging(stage_dir(cfg, 0), world)
+    with hold(stage_dir(cfg, 0), world, log=log.warning):  # one run per stage folder (pebr.run_lock)
+        return _run_sft(cfg, world)
+
+
+def _run_sft(cfg, world: World) -> str:
     from pebr.checkpoint import Checkpointer
     from pebr.policy import build_tiny_policy, load_policy
     from pebr.sft import SFTTrainer
 
     sdir = stage_dir(cfg, 0)
-    _setup_logging(sdir, world)
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"))
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
     seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
@@ -217,6 +223,11 @@ def ensure_sampling(cfg, init_model: str, items: list, world: World | None = Non
     """Dataset-level sampling of `items` with the policy at `init_model`, cached in OUT/sampling
     (each rank samples its share of the items; rank 0 writes the merged result)."""
     world = world or World(device=torch.device(cfg.device))
+    with hold(os.path.join(cfg.output_dir, "sampling"), world, log=log.warning):  # the cache is shared by stages
+        return _ensure_sampling(cfg, init_model, items, world)
+
+
+def _ensure_sampling(cfg, init_model: str, items: list, world: World) -> dict:
     from pebr.policy import load_policy
     from pebr.sampling import read_splits, sample_dataset, write_sampling
 
@@ -299,12 +310,17 @@ def make_reward_fn(cfg):
 def run_grpo(cfg, world: World | None = None) -> str:
     """Stage 1 or 2 -> path of the final checkpoint."""
     world = world or World(device=torch.device(cfg.device))
+    _setup_logging(stage_dir(cfg), world)
+    with hold(stage_dir(cfg), world, log=log.warning):  # one run per stage folder (pebr.run_lock)
+        return _run_grpo(cfg, world)
+
+
+def _run_grpo(cfg, world: World) -> str:
     from pebr.checkpoint import Checkpointer, load_trainer_state
     from pebr.grpo_trainer import GRPOTrainer
     from pebr.policy import load_policy
 
     sdir = stage_dir(cfg)
-    _setup_logging(sdir, world)
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
     if cfg.resume and not latest:

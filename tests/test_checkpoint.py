@@ -98,6 +98,7 @@ def test_sigkill_then_resume(tmp_path, tiny_folder):
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"at step {killed_at}" in done.stderr
+    assert f"taking over the lock left by a run that no longer holds it (pid {proc.pid} " in done.stderr
     steps = [m["step"] for m in read_metrics(str(out / "stage1" / "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]
     assert load_trainer_state(ck.latest())["step"] == 4
