@@ -10,7 +10,9 @@ their rank, each image is encoded once per prompt); `score` runs the stage's rew
 `engine.ops.group_advantages` normalizes within each group (no communication: groups are whole);
 `update` runs one `minibatch_step` (one AdamW step) per mini-batch of groups, each accumulating
 micro-batches, with log-probs from `engine.ops.linear_token_logprobs` on the last hidden states
-and the loss from `engine.ops.grpo_loss`.
+and the loss from `engine.ops.grpo_loss`. Policy and reference forwards run each group's prompt
+through the decoder once, the n responses attending to its keys and values
+(`pebr.shared_prefix`; `--no-shared-prefix` runs every sequence whole, with the same result).
 
 Loss normalization is global and independent of the micro-batch split: a micro-batch's
 `grpo_loss` is weighted by its share of the mini-batch's tokens (token-mean) or sequences
@@ -39,6 +41,8 @@ import torch
 
 from pebr.checkpoint import DataOrder
 from pebr.logprobs import image_features, response_logprobs
+from pebr.shared_prefix import shared_prefix_logprobs
+from pebr.shared_prefix import supports as shared_prefix_support
 from pebr.rollout import HFRollout, Rollouts, generate_rollouts
 from pebr.trainer import Trainer
 
@@ -176,8 +180,18 @@ class GRPOTrainer(Trainer):
         image_token_id = self.policy.image_token_id
         temperature = self.cfg.temperature if self.cfg.temperature > 0 else 1.0
 
+        shared = self._use_shared_prefix(which)
+        resp_mask = ro.response_mask[rows][:, :width]
+
         def fn(model):
             feats = image_features(model, sub.prompt.pixel_values, sub.prompt.image_grid_thw)
+            if shared:  # the prompt once per group (pebr/shared_prefix.py); the same result
+                return shared_prefix_logprobs(
+                    model, sub.prompt.input_ids, sub.prompt.attention_mask, seq[:, L:], resp_mask.to(seq.device),
+                    group_size=n, image_feats=feats, image_grid_thw=sub.prompt.image_grid_thw,
+                    image_token_id=image_token_id, temperature=temperature, return_entropy=entropy,
+                    images_per_prompt=sub.prompt.images_per_prompt,
+                )
             return response_logprobs(
                 model, seq, att, prompt_len=L, group_size=n, image_feats=feats,
                 image_grid_thw=sub.prompt.image_grid_thw, image_token_id=image_token_id,
@@ -190,6 +204,20 @@ class GRPOTrainer(Trainer):
             if self.ref_runner is not None:
                 return self.ref_runner(fn)
             return fn(self.reference.model)
+
+    def _use_shared_prefix(self, which: str) -> bool:
+        """Whether `which` model ("policy" / "reference") runs the shared-prefix path; a model that
+        cannot is logged once and runs the unshared path (the same result, more work)."""
+        if not getattr(self.cfg, "shared_prefix", True):
+            return False
+        cache = self.__dict__.setdefault("_shared_prefix_ok", {})
+        if which not in cache:
+            model = self.policy.model if which == "policy" else self.reference.model
+            why = shared_prefix_support(model)
+            if why is not None:
+                self.log(f"{which}: shared-prefix update off ({why}); every sequence runs whole")
+            cache[which] = why is None
+        return cache[which]
 
     def _count(self, ro: Rollouts, groups: list[int]) -> float:
         """What the aggregation averages over, in these groups: tokens (token-mean) or sequences."""

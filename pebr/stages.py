@@ -75,7 +75,10 @@ def load_items(cfg, *, purpose: str) -> list:
     if cfg.data:
         from pebr.data import load_records
 
-        res = load_records(cfg.data)
+        try:
+            res = load_records(cfg.data)
+        except (OSError, ValueError) as exc:  # missing, unreadable or not a record file: one line
+            raise SystemExit(f"error: {exc}")
         log.info(f"data {cfg.data}: {res.summary()}")
         for row, why in res.skipped:
             log.info(f"  skipped row {row}: {why}")
@@ -87,8 +90,23 @@ def load_items(cfg, *, purpose: str) -> list:
     return tasks.generate_items(cfg.sampling.num_items, seed=cfg.sampling.seed, kind="mixed")
 
 
-def _metrics_log(sdir: str, *, fresh: bool, world: World | None = None):
-    """The stage's metrics.jsonl (rank 0 only; None elsewhere)."""
+def fit_context(items: list, policy, *, max_new_tokens: int, reference: bool = False) -> list:
+    """The items whose prompt (plus the response budget, or the reference response for the
+    warm-up) fits the model's positions; the others are dropped, counted and logged."""
+    from pebr.row_limits import drop_overlong
+
+    kept, dropped = drop_overlong(items, policy, max_new_tokens=max_new_tokens, reference=reference)
+    if dropped:
+        log.info(f"{len(dropped)} of {len(items)} items do not fit the model's context and are left out")
+        for item_id, why in dropped[:20]:
+            log.info(f"  dropped {item_id}: {why}")
+    if not kept:
+        raise SystemExit("error: no item fits the model's context (see the log for each item's length)")
+    return kept
+
+
+def _metrics_log(sdir: str, *, fresh: bool, world: World | None = None, cfg=None):
+    """The stage's metrics.jsonl (rank 0 only; None elsewhere); TensorBoard too with --tensorboard."""
     from pebr.metrics_log import MetricsLog
 
     if world is not None and not world.is_main:
@@ -96,7 +114,7 @@ def _metrics_log(sdir: str, *, fresh: bool, world: World | None = None):
     path = os.path.join(sdir, "metrics.jsonl")
     if fresh and os.path.exists(path):
         os.remove(path)
-    return _StepLog(MetricsLog(path))
+    return _StepLog(MetricsLog(path, tensorboard=bool(getattr(cfg, "tensorboard", False))))
 
 
 class _StepLog:
@@ -145,9 +163,9 @@ def _run_sft(cfg, world: World) -> str:
             ckpts.clear()
         ckpts.sweep()
     world.barrier()
-    items = load_items(cfg, purpose="sft")
+    items = fit_context(load_items(cfg, purpose="sft"), policy, max_new_tokens=0, reference=True)
     trainer = SFTTrainer(cfg, policy=policy, items=items, run_dir=sdir, log=log.info,
-                         metrics_log=_metrics_log(sdir, fresh=not latest, world=world), world=world)
+                         metrics_log=_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg), world=world)
     log.info(f"stage 0 (warm-up SFT): {trainer.total_steps} steps ({len(items)} items, {cfg.sft.epochs} epochs, "
              f"batch {cfg.sft.batch_size}), lr {cfg.sft.lr}, model {cfg.model or 'built-in tiny policy'}")
     if latest:
@@ -189,7 +207,8 @@ def warmup_config(cfg) -> "C.TrainConfig":
                                device=cfg.device, dtype=cfg.dtype, progress=cfg.progress, data=cfg.data,
                                dist_backend=cfg.dist_backend, cpu_offload=cfg.cpu_offload,
                                gradient_checkpointing=cfg.gradient_checkpointing, sft=cfg.sft,
-                               sampling=cfg.sampling, log_every=cfg.log_every, keep_checkpoints=cfg.keep_checkpoints)
+                               sampling=cfg.sampling, log_every=cfg.log_every, keep_checkpoints=cfg.keep_checkpoints,
+                               tensorboard=cfg.tensorboard)
 
 
 def _sft_plan(cfg) -> str:
@@ -326,7 +345,9 @@ def _run_grpo(cfg, world: World) -> str:
     if cfg.resume and not latest:
         log.info(f"--resume: no checkpoint under {ckpts.root}; starting fresh")
     init_model = load_trainer_state(latest)["init_model"] if latest else resolve_init_model(cfg, world)
-    items = load_items(cfg, purpose="rl")
+    from pebr.row_limits import text_only_policy
+
+    items = fit_context(load_items(cfg, purpose="rl"), text_only_policy(init_model), max_new_tokens=cfg.max_new_tokens)
     splits = ensure_sampling(cfg, init_model, items, world)
     train_items = select_split(cfg, items, splits)
     seed_all(cfg.seed, world.rank)
@@ -344,7 +365,7 @@ def _run_grpo(cfg, world: World) -> str:
     world.barrier()
     trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=train_items, reward_fn=make_reward_fn(cfg),
                           run_dir=sdir, init_model=init_model, log=log.info,
-                          metrics_log=_metrics_log(sdir, fresh=not latest, world=world), world=world)
+                          metrics_log=_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg), world=world)
     log.info(f"stage {cfg.stage} ({C.STAGE_NAMES[cfg.stage]}): {trainer.total_steps} steps, "
              f"{len(train_items)} items (split {cfg.train_split!r}), "
              f"from {init_model}; n={cfg.group_size}, {cfg.rollout_batch} prompts/step, lr {cfg.lr}, "

@@ -51,6 +51,9 @@ def test_fast_kernels_train_like_the_reference(tmp_path):
         # 6 AdamW updates of about lr = 1e-4 each. The two runs' gradients differ by fp32 rounding,
         # which moves a step by far less than lr except where a gradient is near AdamW's eps (rarely
         # seen embedding rows), where g / (sqrt(v) + eps) is ill-conditioned: 5% of lr bounds that
-        # (measured: 1.1e-6); a wrong kernel moves weights by a good fraction of lr per step.
+        # (measured: 1.1e-6 with every sequence run whole; 5.7e-6 in one embedding row, a prompt
+        # token's, with the shared-prefix update, whose prompt gradients are summed in another
+        # order); 10% of lr bounds that, and a wrong kernel moves weights by a good fraction of lr
+        # per step.
         err = float((w - fast_w[name]).abs().max())
-        assert err <= 5e-6, f"{name}: weights differ by {err:.2e} after 3 steps"
+        assert err <= 1e-5, f"{name}: weights differ by {err:.2e} after 3 steps"

@@ -254,3 +254,15 @@ def test_text_only_policy_counts_like_the_full_one(policy, tmp_path):
         assert prompt_tokens(light, item) == prompt_tokens(policy, item)
     with pytest.raises(ValueError, match="config.json"):
         text_only_policy(tmp_path)
+
+
+def test_training_on_a_file_that_is_not_parquet_ends_in_one_error_line(tmp_path):
+    """`pebr.train --data bad.parquet`: `error: ...` naming the file, no traceback (SystemExit)."""
+    from pebr import train
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(os.urandom(256))
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--stage", "0", "--data", str(bad), "--output-dir", str(tmp_path / "runs"), "--no-progress"])
+    msg = str(exc.value)
+    assert msg.startswith("error: ") and "bad.parquet" in msg and "\n" not in msg
