@@ -73,20 +73,25 @@ def main(argv=None) -> int:
         raise SystemExit("error: no items to sample")
     from pebr.distributed import init_world, seed_all
 
+    from pebr.run_lock import hold
+
     world = init_world(device=args.device)
     seed_all(args.seed, world.rank)
     policy = load_policy(model, device=world.device)
-    result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,
-                            progress=world.is_main, world=world)
+    # the folder is the trainer's sampling cache too: one writer at a time (pebr/run_lock.py)
+    with hold(folder, world, log=lambda m: print(m, file=sys.stderr)):
+        result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,
+                                progress=world.is_main, world=world)
+        if world.is_main:
+            # the keys pebr.stages.ensure_sampling compares before reusing this sampling
+            write_sampling(result, folder, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k,
+                                                 "num_items": len(items), "temperature": args.temperature,
+                                                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                                                 "seed": args.seed})
     world.close()
     if not world.is_main:
         return 0
-    # the keys pebr.stages.ensure_sampling compares before reusing this sampling
-    write_sampling(result, folder, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k,
-                                         "num_items": len(items), "temperature": args.temperature,
-                                         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                                         "seed": args.seed})
     n = len(items)
     counts = result.counts
     print(f"{n} items x k={args.k}: " + ", ".join(f"{s} {c} ({100 * c / n:.0f}%)" for s, c in counts.items()))
