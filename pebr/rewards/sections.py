@@ -26,8 +26,10 @@ class RewardFailures:
 
     not_text: the response was None or not text. no_description: no description section (the
     clip/scene term scored 0). no_answer: no final-answer line (the whole response was graded).
-    grader_timeout: the grader ran past its time limit (accuracy 0). scorer_error: the CLIP
-    scorer raised (clip 0).
+    grader_timeout: the grader ran past its time limit, or its process died (accuracy 0).
+    scorer_error: the CLIP scorer raised (clip 0). grader_refused: the answer had a form the
+    grader does not evaluate: an over-long answer line, a power or factorial past the size
+    limits, characters sympy should not see (accuracy 0).
     """
 
     not_text: int = 0
@@ -35,6 +37,7 @@ class RewardFailures:
     no_answer: int = 0
     grader_timeout: int = 0
     scorer_error: int = 0
+    grader_refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
