@@ -105,7 +105,7 @@ class TrainConfig:
     rollout_batch: int = opt(560, "prompts per rollout, one training step (the paper: 560 stage 1, 512 stage 2)")
     mini_batch: int = opt(112, "prompts per optimizer update, divides the rollout batch (the paper: 112 stage 1, 128 stage 2)")
     micro_batch: int = opt(8, "sequences per forward/backward (gradient accumulation)")
-    shared_prefix: bool = opt(True, "update: each group's prompt through the decoder once, its n responses attending to it (off: every sequence whole; same result, slower)")
+    shared_prefix: bool = opt(True, "rollout and update: each group's prompt through the decoder once, its n responses attending to its keys/values (off: every sequence whole; same result, slower)")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     epochs: int = opt(1, "passes over the stage's data when max_steps is not set (the paper: 1 stage 1, 2 stage 2)")
     temperature: float = opt(1.2, "rollout sampling temperature, log-probs use the same (0: greedy)")

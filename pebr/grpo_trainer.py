@@ -90,7 +90,7 @@ class GRPOTrainer(Trainer):
         steps_per_epoch = max(1, len(self.items) // cfg.rollout_batch)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
         self.nonfinite_rewards = 0
-        self.rollout_engine = HFRollout(policy, run=self.run)
+        self.rollout_engine = HFRollout(policy, run=self.run, shared_prefix=getattr(cfg, "shared_prefix", True), log=self.log)
 
     def progress_postfix(self, metrics: dict) -> dict:
         recent = [m["reward/overall"] for m in self.history[-10:]]

@@ -13,6 +13,18 @@ prompts' images (one or more each) and its output reaches the P*n rows through
 `mm_encoder_outputs`. Under FSDP the engine runs with every parameter gathered for the whole
 generation (`pebr.fsdp.gathered`).
 
+Shared prefix (`HFRollout(shared_prefix=True)`, the default): the whole prompt (chat template,
+image tokens, question) is prefilled once per prompt, not once per response. All but the last
+prompt token go through the decoder for the P prompts with a key/value cache; the cache is
+repeated to the P*n rows (`batch_repeat_interleave`) and handed to `generate`, which then runs
+only the last prompt token and the response tokens. The position ids (mrope for the image
+tokens, left padding honoured) come from the model's own generation code over the P prompts and
+are repeated, so each row sees the positions the unshared path gives it. Why not all L tokens:
+`generate` slices the uncached tokens as `input_ids[:, -(L - cached):]`, which with nothing
+uncached is the whole prompt again. A model or transformers version that cannot take a cache
+this way runs the unshared path (logged once); the sampled tokens are the same either way, up to
+float rounding in the last prompt token's attention.
+
 The log-probs are of softmax(logits / T) after transformers' suppression of the vision tokens
 (`suppress_tokens`), before top-p: what the trainer recomputes, except for the suppressed tokens'
 probability mass; `rollout_logp_diff` in the metrics measures the gap.
@@ -20,12 +32,15 @@ probability mass; `rollout_logp_diff` in the metrics measures the gap.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 from typing import Callable, Protocol
 
 import torch
 
 from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
 from pebr.policy import Policy, PromptBatch
+from pebr.shared_prefix import supports as shared_prefix_support
 
 
 @dataclasses.dataclass
@@ -133,11 +148,18 @@ class _RecordLogprobs:
 
 class HFRollout:
     """RolloutEngine on transformers' `generate`. run(fn, *args): how to call fn(model, *args)
-    (the FSDP root's forward under data parallelism; a plain call otherwise)."""
+    (the FSDP root's forward under data parallelism; a plain call otherwise). shared_prefix: the
+    prompt prefilled once per prompt and its cache repeated to the n responses (off: every row
+    prefills its own copy of the prompt; the same tokens, more work). log: where the one line
+    saying why the shared prefix is off for a model goes (default: the "pebr" logger)."""
 
-    def __init__(self, policy: Policy, run: Callable | None = None):
+    def __init__(self, policy: Policy, run: Callable | None = None, shared_prefix: bool = True,
+                 log: Callable[[str], None] | None = None):
         self.policy = policy
         self.run = run or (lambda fn, *a, **k: fn(policy.model, *a, **k))
+        self.shared_prefix = shared_prefix
+        self.log = log or logging.getLogger("pebr").warning
+        self._logged: set[str] = set()  # reasons already logged (each once)
 
     @torch.no_grad()
     def generate(self, prompt: PromptBatch, params: SamplingParams) -> Generation:
@@ -153,12 +175,7 @@ class HFRollout:
         def _generate(model):
             feats = image_features(model, prompt.pixel_values, prompt.image_grid_thw)
             counts = prompt.images_per_prompt
-            return model.generate(
-                input_ids=rep(prompt.input_ids),
-                attention_mask=rep(prompt.attention_mask),
-                image_grid_thw=rows_image_grid(prompt.image_grid_thw, n, counts),
-                mm_token_type_ids=rep(prompt.mm_token_type_ids),
-                mm_encoder_outputs=encoder_outputs(feats, n, counts),
+            settings = dict(
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=policy.eos_ids,
                 pad_token_id=policy.pad_id,
@@ -166,6 +183,17 @@ class HFRollout:
                 suppress_tokens=policy.vision_token_ids,  # an <|image_pad|> in a response would be read as an image slot
                 logits_processor=LogitsProcessorList([record]),
                 **kwargs,
+            )
+            shared = self._shared_prefix_inputs(model, prompt, feats, n) if self.shared_prefix else None
+            if shared is not None:
+                return model.generate(**shared, **settings)
+            return model.generate(
+                input_ids=rep(prompt.input_ids),
+                attention_mask=rep(prompt.attention_mask),
+                image_grid_thw=rows_image_grid(prompt.image_grid_thw, n, counts),
+                mm_token_type_ids=rep(prompt.mm_token_type_ids),
+                mm_encoder_outputs=encoder_outputs(feats, n, counts),
+                **settings,
             )
 
         out = self.run(_generate)
@@ -177,6 +205,74 @@ class HFRollout:
         mask, _ = response_mask_from(responses, policy.eos_ids)
         logprobs = record.finish(responses) * mask
         return Generation(sequences=out, logprobs=logprobs, lengths=mask.sum(1).long().tolist())
+
+    def _why_not_shared(self, model, prompt: PromptBatch) -> str | None:
+        """None if the prompt can be prefilled once and its cache handed to `generate`, else why not."""
+        why = shared_prefix_support(model)
+        if why is not None:
+            return why
+        if _cache_kwarg(model) is None:
+            return f"{type(model).__name__}.forward takes no `cache` / `past_key_values`"
+        if not hasattr(model, "_prepare_position_ids_for_generation"):
+            return "this transformers has no _prepare_position_ids_for_generation (the prompts' positions)"
+        if getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None:
+            return "the generation config names a cache implementation (generate builds its own cache)"
+        if prompt.input_ids.shape[1] < 2:
+            return "one-token prompts (nothing before the last token to share)"
+        # generate runs the last column uncached: every row's last prompt token, a text token.
+        if not bool(prompt.attention_mask[:, -1].all()) or bool(prompt.mm_token_type_ids[:, -1].any()):
+            return "the prompts' last column is padding or an image token (prompts must be left-padded, text last)"
+        return None
+
+    def _shared_prefix_inputs(self, model, prompt: PromptBatch, feats, n: int) -> dict | None:
+        """The P prompts' first L-1 tokens through the decoder once -> `generate`'s inputs for the
+        P*n rows with that cache (repeated n times per prompt); None (the unshared path) when the
+        model or the batch cannot take it (the reason logged once)."""
+        why = self._why_not_shared(model, prompt)
+        if why is not None:
+            if why not in self._logged:
+                self._logged.add(why)
+                self.log(f"rollouts: shared-prefix prefill off ({why}); every response prefills its prompt")
+            return None
+        ids, mask, mm = prompt.input_ids, prompt.attention_mask, prompt.mm_token_type_ids
+        base = model.model
+        # The positions generate gives the unshared rows (text positions + mrope rows), from the
+        # model's own code over the P prompts: the same per row, computed once.
+        base.rope_deltas = None  # a stale value from an earlier call would be taken as the answer
+        pos = model._prepare_position_ids_for_generation(
+            ids, dict(attention_mask=mask, mm_token_type_ids=mm, image_grid_thw=prompt.image_grid_thw))
+        deltas = getattr(base, "rope_deltas", None)
+        if isinstance(deltas, torch.Tensor) and deltas.shape[0] == ids.shape[0]:
+            base.rope_deltas = deltas.repeat_interleave(n, 0)  # any later lookup by row sees P*n rows
+        prefix = base(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos[..., :-1],
+            mm_encoder_outputs=encoder_outputs(feats, 1, prompt.images_per_prompt),
+            use_cache=True,
+        )
+        cache = getattr(prefix, "cache", None)  # transformers 5.x; `past_key_values` before
+        if cache is None:
+            cache = getattr(prefix, "past_key_values", None)
+        if cache is None:
+            raise RuntimeError(f"{type(model).__name__} returned no key/value cache for the prompts")
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
+        return {
+            "input_ids": rep(ids),  # generate runs only the uncached last column (and the responses)
+            "attention_mask": rep(mask),
+            "position_ids": pos.repeat_interleave(n, dim=-2),  # [4 or 3, P*n, L] or [P*n, L]
+            "mm_token_type_ids": rep(mm),
+            _cache_kwarg(model): cache,
+        }
+
+
+def _cache_kwarg(model) -> str | None:
+    """The name `model.forward` takes the key/value cache under: transformers 5.x renamed
+    `past_key_values` to `cache` (the old name deprecated); None if neither."""
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 @torch.no_grad()

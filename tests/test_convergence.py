@@ -26,7 +26,14 @@ def _train(backend: str, tmp_path) -> tuple[list[dict], dict[str, torch.Tensor]]
     policy, reference = build_tiny_policy(seed=0), build_tiny_policy(seed=0)
     reference.model.eval().requires_grad_(False)
     weights = PerceptionWeights()
-    reward = lambda text, item, k: perception_reward(text, item, num_tokens=k, weights=weights)  # noqa: E731
+
+    def reward(text, item, k):
+        # The perception reward of an untrained policy is flat (every response scores the same), so
+        # every advantage would be 0 and AdamW would amplify gradient rounding noise into lr-sized
+        # steps; a term that varies with the text gives every step a real signal.
+        out = perception_reward(text, item, num_tokens=k, weights=weights)
+        out["overall"] = float(out["overall"]) + (sum(map(ord, text)) % 7) / 7
+        return out
     torch.manual_seed(123)
     with engine.backend(backend):
         trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items, reward_fn=reward,
