@@ -1,9 +1,13 @@
 // Schemas of every C++/CUDA kernel of the engine. Kernels live in csrc/cpu/<op>.cpp
-// (TORCH_LIBRARY_IMPL(engine, CPU, m)) and csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL(engine, CUDA, m)).
+// (TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m)) and csrc/cuda/<op>.cu (the same, CUDA).
 // Python wraps them as autograd-aware custom ops in engine/<op>.py; the `torch` backend is
 // engine/reference.py. Every kernel takes fp32/bf16/fp16 inputs, accumulates in fp32, and checks
 // its arguments with TORCH_CHECK_VALUE (a Python ValueError naming the argument).
+// The namespace is ENGINE_NAMESPACE (csrc/engine_namespace.h): `engine` here, `engine_standalone`
+// in the CMake build, so both libraries can be loaded into one process.
 #include <torch/library.h>
+
+#include "engine_namespace.h"
 
 #ifdef ENGINE_PYTHON_MODULE
 #include <Python.h>
@@ -14,7 +18,7 @@ extern "C" PyObject* PyInit__C(void) {
 }
 #endif
 
-TORCH_LIBRARY(engine, m) {
+TORCH_LIBRARY(ENGINE_NAMESPACE, m) {
   // ---- token_logprobs (csrc/cpu/token_logprobs.cpp, csrc/cuda/token_logprobs.cu) ----
   // logits [N, V] (fp32/bf16/fp16), ids [N] int64/int32 -> logp [N] fp32; entropy [N] fp32 ([0] when not asked
   // for); stats [N, 2] fp32 = (row max m of z, log sum exp(z - m)), so lse = m + log S, kept apart for backward's

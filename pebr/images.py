@@ -72,7 +72,13 @@ class ImageEncoder:
         return cls(**kw)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write preprocessor_config.json in the layout transformers' Qwen2-VL processor reads."""
+        """Write preprocessor_config.json in the layout transformers' Qwen2-VL processor reads.
+
+        `image_processor_type` names the family, not a backend: transformers 5 picks the backend
+        at load time (`AutoImageProcessor.from_pretrained(folder, backend="pil")` gives
+        Qwen2VLImageProcessorPil, this encoder's exact pixels, without torchvision). No config
+        avoids torchvision for `AutoProcessor`: it always builds the video processor, which needs it.
+        """
         cfg = {
             "image_processor_type": "Qwen2VLImageProcessor",
             "do_resize": True,

@@ -19,6 +19,38 @@ DEVICE = torch.device(os.environ.get("ENGINE_TEST_DEVICE", "cpu"))
 BACKENDS_HERE = engine.available_backends(DEVICE.type)
 
 
+def _asked_for_skip_lines(config) -> bool:
+    """Whether the command line (or PYTEST_ADDOPTS) has -r: the ini file's addopts "-ra" does not count."""
+    args = [str(a) for a in config.invocation_params.args] + os.environ.get("PYTEST_ADDOPTS", "").split()
+    return any(a.startswith("-r") for a in args)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    # -ra lists every skipped test on its own line (dozens: each backend that cannot run here, per
+    # test); pytest_terminal_summary below counts them by reason instead. `-rs` still lists them.
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and not _asked_for_skip_lines(config):
+        reporter.reportchars = reporter.reportchars.replace("s", "")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """One line per skip reason, with its count, most frequent first."""
+    if _asked_for_skip_lines(config):
+        return
+    counts: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        return
+    terminalreporter.write_sep("=", f"{sum(counts.values())} skipped, by reason (-rs lists each test)")
+    for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        terminalreporter.write_line(f"{n:5d}  {reason}")
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

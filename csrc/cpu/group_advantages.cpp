@@ -63,6 +63,7 @@ at::Tensor group_advantages_fwd_cpu(const at::Tensor& rewards, int64_t group_siz
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
   m.impl("group_advantages_fwd", &group_advantages_fwd_cpu);
 }

@@ -268,13 +268,14 @@ at::Tensor grpo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
   m.impl("grpo_loss_fwd", &grpo_loss_fwd_cpu);
   m.impl("grpo_loss_bwd", &grpo_loss_bwd_cpu);
 }
 
 // A query, not a kernel (hence not in csrc/ops.cpp's list): the CPU path the next grpo_loss call
 // takes ("scalar", "default", "avx2", "avx512"), for tests and benchmarks.
-TORCH_LIBRARY_FRAGMENT(engine, m) { m.def("grpo_loss_cpu_path() -> str", &grpo_loss_cpu_path); }
+TORCH_LIBRARY_FRAGMENT(ENGINE_NAMESPACE, m) { m.def("grpo_loss_cpu_path() -> str", &grpo_loss_cpu_path); }
 
 }  // namespace engine

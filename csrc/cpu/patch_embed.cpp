@@ -21,7 +21,8 @@ std::tuple<Tensor, Tensor, Tensor> patch_embed_bwd_cpu(const Tensor& grad, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
   m.impl("patch_embed_fwd", &patch_embed_fwd_cpu);
   m.impl("patch_embed_bwd", &patch_embed_bwd_cpu);
 }

@@ -87,6 +87,7 @@ Tensor patchify_fwd_cpu(at::TensorList images, int64_t patch_size, int64_t tempo
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
   m.impl("patchify_fwd", &patchify_fwd_cpu);
 }

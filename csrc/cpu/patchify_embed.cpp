@@ -183,7 +183,8 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cpu(const Tensor& grad, at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
   m.impl("patchify_embed_fwd", &patchify_embed_fwd_cpu);
   m.impl("patchify_embed_bwd", &patchify_embed_bwd_cpu);
 }

@@ -139,7 +139,8 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
   m.impl("token_logprobs_bwd", &token_logprobs_bwd_cpu);
   m.impl("token_logprobs_bwd_inplace", &token_logprobs_bwd_inplace_cpu);

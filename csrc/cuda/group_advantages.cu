@@ -93,6 +93,7 @@ at::Tensor group_advantages_fwd_cuda(const at::Tensor& rewards, int64_t group_si
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
   m.impl("group_advantages_fwd", &group_advantages_fwd_cuda);
 }

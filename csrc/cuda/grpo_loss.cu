@@ -210,7 +210,8 @@ at::Tensor grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& log
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
   m.impl("grpo_loss_fwd", &grpo_loss_fwd_cuda);
   m.impl("grpo_loss_bwd", &grpo_loss_bwd_cuda);
 }

@@ -25,7 +25,8 @@ std::tuple<Tensor, Tensor, Tensor> patch_embed_bwd_cuda(const Tensor& grad, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
   m.impl("patch_embed_fwd", &patch_embed_fwd_cuda);
   m.impl("patch_embed_bwd", &patch_embed_bwd_cuda);
 }

@@ -57,6 +57,7 @@ Tensor patchify_fwd_cuda(at::TensorList images, int64_t patch_size, int64_t temp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
   m.impl("patchify_fwd", &patchify_fwd_cuda);
 }

@@ -116,7 +116,8 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cuda(const Tensor& grad, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
   m.impl("patchify_embed_fwd", &patchify_embed_fwd_cuda);
   m.impl("patchify_embed_bwd", &patchify_embed_bwd_cuda);
 }

@@ -222,7 +222,8 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+#include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
+TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd_cuda);
   m.impl("token_logprobs_bwd", &token_logprobs_bwd_cuda);
   m.impl("token_logprobs_bwd_inplace", &token_logprobs_bwd_inplace_cuda);
