@@ -1,0 +1,633 @@
+"""`python -m pebr.experiment curriculum`: the paper's ablation in one command. Does perception
+GRPO before reasoning GRPO help, against reasoning GRPO alone and one GRPO stage on both rewards?
+
+    python -m pebr.experiment curriculum --seeds 3 --steps 60 --output-dir runs/curriculum
+
+One warm-up (stage 0) and one dataset-level sampling are shared by every arm and seed. Then, for
+each seed s (the GRPO data order and rollout sampling), N GRPO steps per arm:
+
+    a  stage2          reasoning GRPO, N steps, medium split, from the warm-up
+    b  stage1_stage2   perception GRPO N//2 steps (easy split) from the warm-up, then reasoning
+                       GRPO N - N//2 steps (medium split) from that stage's final checkpoint
+    c  union           one GRPO stage, N steps on the easy + medium items, union reward:
+                       overall = (perception overall + reasoning overall) / 2
+                               = 0.2 scene|clip + 0.2 keyword + 0.05 length + 0.45 accuracy + 0.1 format
+
+Every stage takes the preset's GRPO settings of its stage (the union stage those of stage 2) and
+its KL reference is its own starting policy, as in `python -m pebr.train`. Each final policy and
+the warm-up are then evaluated greedily on one held-out set of built-in items (seed 999 unless
+--eval-seed; the SFT pool uses seed 2, the sampled pool seed 1; an item equal to a training item
+is dropped and counted). Per arm: perception and reasoning accuracy per seed with their Wilson
+interval, their mean over seeds with a Student t interval (pebr.stats).
+
+OUT (--output-dir) holds:
+    warmup/stage0/          the warm-up (unless --warmup names one)
+    sampling/               the shared sampling (splits.json), as pebr.train writes it
+    eval/warmup/            the warm-up's held-out eval
+    <arm>/seed<s>/<stage>/  each GRPO stage: checkpoints/, metrics.jsonl, train.log, config.json, stage.json
+    <arm>/seed<s>/eval/     held-out responses (heldout.jsonl) and summary (heldout.summary.json)
+    curriculum.md / .png / .json   the table, the bar chart, everything
+A killed run resumes: a stage whose final checkpoint exists is skipped (a partial one continues
+from its latest checkpoint), and an eval already written for the same items is reused.
+docs/recipe.md#the-curriculum-ablation describes the ablation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pebr import config as C
+from pebr import stages
+from pebr.cli import add_fields, check_device, given
+from pebr.stats import mean_interval
+
+log = logging.getLogger("pebr")
+
+KINDS = ("perception", "reasoning")
+UNION_FORMULA = ("overall = (perception overall + reasoning overall) / 2 "
+                 "= 0.2 scene|clip + 0.2 keyword + 0.05 length + 0.45 accuracy + 0.1 format")
+
+
+# ---- the arms
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One GRPO stage of an arm."""
+
+    name: str  # its folder under OUT/<arm>/seed<s>/
+    stage: int  # the preset stage whose GRPO settings it takes (1 perception, 2 reasoning)
+    reward: str  # "perception", "reasoning" or "union"
+    split: str  # the sampled items it trains on: "easy", "medium" or "easy+medium"
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str  # a, b, c
+    folder: str  # OUT/<folder>
+    label: str  # what the table says
+    stages: tuple[Stage, ...]
+
+    def steps(self, total: int) -> list[int]:
+        """GRPO steps per stage: `total` in all, split evenly (the first stage takes the smaller half)."""
+        k = len(self.stages)
+        return [total // k + (1 if i >= k - total % k else 0) for i in range(k)]
+
+
+ARMS = (
+    Arm("a", "a_stage2", "stage 2 alone", (Stage("stage2", 2, "reasoning", "medium"),)),
+    Arm("b", "b_stage1_stage2", "stage 1 then stage 2",
+        (Stage("stage1", 1, "perception", "easy"), Stage("stage2", 2, "reasoning", "medium"))),
+    Arm("c", "c_union", "one stage, union reward", (Stage("union", 2, "union", "easy+medium"),)),
+)
+
+
+@dataclass
+class CurriculumConfig:
+    """`python -m pebr.experiment curriculum`: the ablation's own settings (the training settings
+    come from --preset and the override flags)."""
+
+    seeds: int = C.opt(3, "GRPO seeds per arm (data order and rollout sampling; warm-up and sampling are shared)")
+    steps: int = C.opt(60, "GRPO steps per arm (arm b: half perception, half reasoning). 60 fits 3 seeds x 3 arms "
+                           "in under an hour on 2 cores with the tiny preset: 540 steps at about 4 s (5.5 s on an "
+                           "AVX2-only CPU), plus the warm-up (about 3.5 min), the sampling and 10 evals of 400 "
+                           "items (about 11 s each)")
+    output_dir: str = C.opt("runs/curriculum", "the experiment folder (rerun with the same one to resume)")
+    eval_items: int = C.opt(400, "held-out built-in items (half perception, half reasoning), decoded greedily")
+    eval_seed: int = C.opt(999, "seed of the held-out items: must differ from the SFT pool's (2) and the sampled pool's (1)")
+    preset: str = C.opt("tiny", "training settings of every stage (pebr.config)", choices=tuple(C.PRESETS))
+    warmup: str | None = C.opt(None, "warm-up policy to start from (HF folder, stage folder or checkpoints folder); "
+                                     "none: OUT/warmup/stage0, trained first when it holds no finished warm-up")
+    device: str | None = C.opt(None, "cpu, cuda or cuda:N; none: cuda when available, else cpu")
+
+    def __post_init__(self):
+        C.check_choices(self)
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2 (arm b runs two stages), got {self.steps}")
+        if self.eval_items < 1:
+            raise ValueError(f"eval_items must be >= 1, got {self.eval_items}")
+
+
+# TrainConfig fields the command line may override, for every stage alike (flags as in pebr.train).
+_TRAIN_FLAGS = ("group_size", "rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "lr", "kl_coef",
+                "temperature", "min_split_items", "clip_model", "dtype", "save_every", "log_every", "progress")
+_SFT_FLAGS = ("num_items", "epochs", "batch_size")
+_SAMPLING_FLAGS = ("num_items", "k")
+
+
+@dataclass
+class Overrides:
+    """The given training flags: {field: value} for TrainConfig, its SFTConfig and its SamplingConfig."""
+
+    train: dict
+    sft: dict
+    sampling: dict
+
+
+def stage_config(cc: CurriculumConfig, over: Overrides, *, stage: int, seed: int, output_dir: str,
+                 max_steps: int | None = None) -> C.TrainConfig:
+    """The preset's config of `stage` with the overrides (as pebr.train.config_from_args applies them)."""
+    cfg = C.preset(cc.preset, stage)
+    train, sft = dict(over.train), dict(over.sft)
+    if "batch_size" in sft and "micro_batch" not in sft:
+        sft["micro_batch"] = min(cfg.sft.micro_batch, sft["batch_size"])
+    rb = train.get("rollout_batch")
+    if rb and "mini_batch" not in train and (rb % cfg.mini_batch or cfg.mini_batch > rb):
+        train["mini_batch"] = rb  # the preset's mini-batch does not fit: one update per rollout
+    return dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, **sft),
+                               sampling=dataclasses.replace(cfg.sampling, **over.sampling), **train, seed=seed,
+                               output_dir=output_dir, device=cc.device, resume=True,
+                               max_steps=max_steps if stage else None)
+
+
+# ---- rewards and items
+
+
+def union_reward(perception: dict, reasoning: dict) -> dict:
+    """The two stages' reward dicts of one response -> the union stage's: every component of both
+    (format is the same function in both), "perception" and "reasoning" (each stage's overall),
+    and overall = their mean (UNION_FORMULA)."""
+    out = {k: float(v) for k, v in perception.items() if k != "overall"}
+    out.update({k: float(v) for k, v in reasoning.items() if k != "overall"})
+    out["perception"], out["reasoning"] = float(perception["overall"]), float(reasoning["overall"])
+    out["overall"] = 0.5 * (out["perception"] + out["reasoning"])
+    return out
+
+
+def make_reward_fn(cfg, kind: str):
+    """reward_fn(text, item, num_tokens) -> dict: a stage's (pebr.stages.make_reward_fn) or the union."""
+    if kind == "perception":
+        return stages.make_reward_fn(dataclasses.replace(cfg, stage=1))
+    if kind == "reasoning":
+        return stages.make_reward_fn(dataclasses.replace(cfg, stage=2))
+    perception, reasoning = make_reward_fn(cfg, "perception"), make_reward_fn(cfg, "reasoning")
+    return lambda text, item, k: union_reward(perception(text, item, k), reasoning(text, item, k))
+
+
+def stage_items(cfg, split: str, items: list, splits: dict) -> list:
+    """The sampled items a stage trains on: one split via pebr.stages.select_split (topped up to
+    min_split_items), or easy + medium in pool order, topped up from hard."""
+    if split != "easy+medium":
+        return stages.select_split(dataclasses.replace(cfg, split=split), items, splits)
+    wanted = set(splits["easy"]) | set(splits["medium"])
+    chosen = [it for it in items if it.id in wanted]
+    hard = [it for it in items if it.id in set(splits["hard"])]
+    need = cfg.min_split_items - len(chosen)
+    if need > 0 and hard:
+        log.info(f"easy + medium hold {len(chosen)} items (< {cfg.min_split_items}): adding {min(need, len(hard))} hard items")
+        chosen += hard[:need]
+    if not chosen:
+        raise SystemExit("error: the easy and medium splits are empty; pass --min-split-items N")
+    return chosen
+
+
+def _content(item) -> tuple:
+    return item.task_type, item.problem, item.answer, json.dumps(item.scene, sort_keys=True)
+
+
+def check_eval_seed(cc: CurriculumConfig, cfg) -> None:
+    """ValueError when --eval-seed is the seed of a training pool (the SFT items' or the sampled items')."""
+    used = {stages.SFT_SEED: "SFT", cfg.sampling.seed: "sampled"}
+    if cc.eval_seed in used:
+        raise ValueError(f"--eval-seed {cc.eval_seed} is the {used[cc.eval_seed]} pool's seed; pick another")
+
+
+def held_out_items(cc: CurriculumConfig, sft_cfg, pool: list) -> tuple[list, dict]:
+    """Built-in items of --eval-seed, less any equal to an item of the SFT pool or the sampled pool
+    -> (items, info for the JSON)."""
+    from pebr import tasks
+
+    check_eval_seed(cc, sft_cfg)
+    seen = {_content(it) for it in tasks.generate_items(sft_cfg.sft.num_items, seed=stages.SFT_SEED, kind="mixed")}
+    seen |= {_content(it) for it in pool}
+    drawn = tasks.generate_items(cc.eval_items, seed=cc.eval_seed, kind="mixed")
+    items = [it for it in drawn if _content(it) not in seen]
+    ids = "\n".join(it.id for it in items)
+    info = {"source": "procedural", "kind": "mixed", "seed": cc.eval_seed, "drawn": len(drawn), "n": len(items),
+            "dropped_equal_to_training_items": len(drawn) - len(items),
+            "ids_digest": hashlib.sha1(ids.encode()).hexdigest()[:16]}
+    if not items:
+        raise SystemExit("error: every held-out item equals a training item")
+    return items, info
+
+
+# ---- running
+
+
+def _world(device: str):
+    from pebr.distributed import World
+
+    return World(device=torch.device(device))
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, doc) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_plain(doc), f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _plain(x):
+    """JSON-safe: nan and inf become None (the mean interval of one seed is nan)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _same_path(a, b) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def train_stage(cfg, spec: Stage, *, sdir: str, init_model: str, items: list, world, record: dict) -> dict:
+    """Run one GRPO stage into `sdir` (or skip it when its final checkpoint is there) -> its record:
+    {"final", "trained_now", "wall_s", "steps", "init_model", ...}. Built as pebr.stages._run_grpo
+    builds a stage, with the arm's items, reward and starting policy instead of the recipe's."""
+    from pebr.checkpoint import Checkpointer, load_trainer_state
+    from pebr.distributed import seed_all
+    from pebr.grpo_trainer import GRPOTrainer
+    from pebr.policy import load_policy
+    from pebr.run_lock import hold
+
+    ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    latest = ckpts.latest()
+    if latest:
+        state = load_trainer_state(latest)
+        why = None
+        if not _same_path(state.get("init_model"), init_model):
+            why = f"it started from {state.get('init_model')}, not {init_model}"
+        elif (state.get("config") or {}).get("max_steps") != cfg.max_steps:
+            why = f"it runs {(state.get('config') or {}).get('max_steps')} steps, not {cfg.max_steps}"
+        if why:
+            raise SystemExit(f"error: {sdir} holds another run ({why}): remove it or pick another --output-dir")
+        if int(state["step"]) >= cfg.max_steps:
+            done = _read_json(os.path.join(sdir, "stage.json")) or {}
+            log.info(f"{sdir}: finished earlier ({latest}); skipped")
+            return {**record, "wall_s": done.get("wall_s"), **{k: v for k, v in done.items() if k != "trained_now"},
+                    "final": latest, "trained_now": False}
+    t0 = time.perf_counter()
+    stages._setup_logging(sdir, world)
+    dtype = getattr(torch, cfg.dtype)
+    with hold(sdir, world, log=log.warning):
+        seed_all(cfg.seed, world.rank)
+        policy = load_policy(latest or init_model, dtype=dtype, device=world.device)
+        reference = None
+        if cfg.kl_coef > 0:  # the frozen starting policy of this stage, as in the recipe
+            reference = load_policy(init_model, dtype=dtype, device=world.device)
+            reference.model.eval().requires_grad_(False)
+        if not latest:
+            ckpts.clear()
+        ckpts.sweep()
+        with open(os.path.join(sdir, "config.json"), "w") as f:
+            json.dump({**cfg.to_dict(), "experiment": record}, f, indent=1)
+        trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items,
+                              reward_fn=make_reward_fn(cfg, spec.reward), run_dir=sdir, init_model=init_model,
+                              log=log.info, metrics_log=stages._metrics_log(sdir, fresh=not latest, world=world, cfg=cfg),
+                              world=world)
+        log.info(f"{record['arm']} seed {cfg.seed} {spec.name}: {trainer.total_steps} steps, {spec.reward} reward, "
+                 f"{len(items)} items ({spec.split}), from {init_model}")
+        if latest:
+            trainer.resume_from(latest)
+        hist = trainer.train()
+        if hist:
+            log.info(f"{spec.name} done: " + stages.grpo_summary(hist))
+        final = ckpts.latest()
+    out = {**record, "final": final, "trained_now": True, "wall_s": time.perf_counter() - t0,
+           "resumed_from": latest}
+    _write_json(os.path.join(sdir, "stage.json"), out)
+    return out
+
+
+def eval_cached(model: str, items: list, info: dict, *, folder: str, max_new_tokens: int, world) -> dict:
+    """Greedy held-out eval of `model` (pebr.eval.evaluate), written to folder/heldout.*, or the one
+    written there before for the same model, items and budget -> the summary (with "reused", "wall_s")."""
+    from pebr.eval import evaluate
+    from pebr.policy import load_policy
+
+    path = os.path.join(folder, "heldout.summary.json")
+    key = {"model": os.path.realpath(model), "items": info, "max_new_tokens": max_new_tokens, "temperature": 0.0}
+    old = _read_json(path)
+    if old is not None and old.get("key") == _plain(key):
+        return {**old, "reused": True}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    policy = load_policy(model, device=world.device)
+    summary, records = evaluate(policy, items, max_new_tokens=max_new_tokens, temperature=0.0)
+    del policy
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "heldout.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    doc = {"key": key, "model": model, **summary, "wall_s": time.perf_counter() - t0}
+    _write_json(path, doc)
+    return {**_plain(doc), "reused": False}
+
+
+def kind_scores(summary: dict) -> dict:
+    """An eval summary -> {"perception": {accuracy, n, correct, lo, hi}, "reasoning": {...}} (a kind
+    with no items: accuracy 0 of n = 0, interval [0, 1])."""
+    from pebr.eval import proportion
+
+    by_kind = summary.get("by_kind") or {}
+    return {k: by_kind.get(k) or proportion(0, 0) for k in KINDS}
+
+
+def aggregate(per_seed: list[dict], *, confidence: float = 0.95) -> dict:
+    """[{kind: {"accuracy", ...}} per seed] -> {kind: {"mean", "lo", "hi", "n", "sd", "values"}}:
+    the mean over seeds of each kind's accuracy with its Student t interval (lo, hi nan below 2 seeds)."""
+    out = {}
+    for k in KINDS:
+        values = [float(s[k]["accuracy"]) for s in per_seed]
+        out[k] = {**mean_interval(values, confidence=confidence).to_dict(), "values": values}
+    return out
+
+
+# ---- the report
+
+
+def _num(x, fmt=".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _mean_cell(a: dict) -> str:
+    if a["n"] < 2 or a["lo"] is None or not math.isfinite(a["lo"]):
+        return f"{_num(a['mean'])} [-]"
+    return f"{_num(a['mean'])} [{_num(a['lo'])}, {_num(a['hi'])}]"
+
+
+def _wilson_cell(p: dict) -> str:
+    return f"{_num(p['accuracy'])} [{_num(p['lo'])}, {_num(p['hi'])}] {p['correct']}/{p['n']}"
+
+
+def _secs(s) -> str:
+    return "-" if s is None else f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+
+
+def _verdict(result: dict) -> list[str]:
+    """Plain differences of means, arm b against a and c, and whether their t intervals overlap."""
+    lines = []
+    arms = result["arms"]
+    for kind in KINDS:
+        b = arms["b"][kind]
+        for other in ("a", "c"):
+            o = arms[other][kind]
+            diff = b["mean"] - o["mean"]
+            if b["n"] < 2 or b["lo"] is None or o["lo"] is None:
+                sep = "one seed: no interval"
+            elif b["lo"] > o["hi"] or o["lo"] > b["hi"]:
+                sep = "the t intervals do not overlap"
+            else:
+                sep = "the t intervals overlap: these seeds do not separate them"
+            lines.append(f"- {kind} accuracy, b - {other}: {diff:+.3f} ({sep})")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    s, ho = result["settings"], result["held_out"]
+    n_seeds = s["seeds"]
+    lines = [
+        "# Curriculum ablation: perception GRPO before reasoning GRPO", "",
+        f"Command: `{result['command']}`  ",
+        f"Wall time of this command: {_secs(result['wall_s'])}; started {result['started']}.", "",
+        f"From one warm-up (`{result['warmup']['path']}`) and one dataset-level sampling "
+        f"({result['sampling']['counts']}), {s['steps']} GRPO steps per arm, preset `{s['preset']}`, "
+        f"seeds {', '.join(map(str, range(n_seeds)))}. Union reward: {UNION_FORMULA}.",
+        f"Held-out: {ho['n']} built-in items of seed {ho['seed']} ({ho['dropped_equal_to_training_items']} dropped as "
+        f"equal to a training item), greedy, max_new_tokens {s['max_new_tokens']}.", "",
+        "| arm | what | perception acc, mean [95% t interval] | reasoning acc, mean [95% t interval] | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        a = result["arms"][arm.key]
+        what = " then ".join(f"{st['name']} ({st['steps']} step{'s' * (st['steps'] != 1)}, {st['reward']} reward, "
+                            f"{st['split']})" for st in a["stages"])
+        lines.append(f"| {arm.key} | {arm.label}: {what} | {_mean_cell(a['perception'])} | "
+                     f"{_mean_cell(a['reasoning'])} | {a['perception']['n']} |")
+    w = result["warmup_eval"]
+    lines.append(f"| warm-up | the start of every arm (one eval) | {_wilson_cell(w['perception'])} | "
+                 f"{_wilson_cell(w['reasoning'])} | - |")
+    lines += ["", "Mean over seeds with Student's t interval (n - 1 degrees of freedom; `[-]` with one seed). "
+              "The warm-up row and the table below: accuracy [95% Wilson interval] correct/n of one eval.", "",
+              "## Result", "", *_verdict(result), "",
+              "## Per seed", "",
+              "| arm | seed | perception acc [95% Wilson] | reasoning acc [95% Wilson] | GRPO steps | training wall time | trained |",
+              "|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        for r in result["arms"][arm.key]["per_seed"]:
+            steps = " + ".join(str(st["steps"]) for st in r["stages"])
+            walls = " + ".join(_secs(st["wall_s"]) for st in r["stages"])
+            now = "now" if any(st["trained_now"] for st in r["stages"]) else "earlier run (skipped)"
+            lines.append(f"| {arm.key} | {r['seed']} | {_wilson_cell(r['eval']['perception'])} | "
+                         f"{_wilson_cell(r['eval']['reasoning'])} | {steps} | {walls} | {now} |")
+    lines += ["", f"Warm-up: {_secs(result['warmup']['wall_s'])} this run "
+              f"({'reused' if result['warmup']['reused'] else 'trained'}); sampling {_secs(result['sampling']['wall_s'])}; "
+              f"evals {_secs(result['eval_wall_s'])} this run.", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Bar chart: perception and reasoning accuracy per arm (mean over seeds, t-interval error bars,
+    each seed a dot) and the warm-up's (Wilson interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{a.key}: {a.label}", result["arms"][a.key]) for a in ARMS]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / (len(rows) + 1)
+    w = result["warmup_eval"]
+    for j, kind in enumerate(KINDS):
+        p = w[kind]
+        ax.bar(j, p["accuracy"], width, color="0.7", label="warm-up" if j == 0 else None,
+               yerr=[[p["accuracy"] - p["lo"]], [p["hi"] - p["accuracy"]]], capsize=3)
+        for i, (label, a) in enumerate(rows, start=1):
+            g = a[kind]
+            x = j + i * width
+            err = None
+            if g["n"] >= 2 and g["lo"] is not None and math.isfinite(g["lo"]):
+                err = [[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]]
+            ax.bar(x, g["mean"], width, color=f"C{i - 1}", yerr=err, capsize=3, label=label if j == 0 else None)
+            ax.plot([x] * len(g["values"]), g["values"], "k.", markersize=4)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(KINDS))], [f"{k} accuracy" for k in KINDS])
+    ax.set_ylabel("held-out accuracy")
+    ax.set_xlabel("bars: mean over seeds, error bars 95% t interval (warm-up: Wilson); dots: one seed each", fontsize=8)
+    ax.set_ylim(0, max(0.05, min(1.0, ax.get_ylim()[1])))
+    s = result["settings"]
+    ax.set_title(f"curriculum ablation: {s['steps']} GRPO steps per arm, {s['seeds']} seed(s), "
+                 f"{result['held_out']['n']} held-out items", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- the experiment
+
+
+def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> dict:
+    """The whole ablation -> the result written to OUT/curriculum.json (and .md, .png)."""
+    from pebr.checkpoint import resolve_model_path
+    from pebr.row_limits import text_only_policy
+    from pebr.run_lock import hold
+
+    t_start, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="seconds")
+    out = cc.output_dir
+    world = _world(cc.device)
+    os.makedirs(out, exist_ok=True)
+    stages._setup_logging(out, world)
+    with hold(out, world, log=log.warning):  # one experiment per folder
+        log.info(f"curriculum ablation: {command}")
+        base = stage_config(cc, over, stage=1, seed=0, output_dir=out)
+        t0 = time.perf_counter()
+        if cc.warmup:
+            try:
+                warmup = resolve_model_path(cc.warmup)
+            except ValueError as exc:
+                raise SystemExit(f"error: --warmup: {exc}")
+            reused = True
+        else:
+            wdir = os.path.join(out, "warmup")
+            reused = stages.latest_policy_path(dataclasses.replace(base, output_dir=wdir), 0) is not None
+            warmup = stages.run_sft(stage_config(cc, over, stage=0, seed=0, output_dir=wdir), world)
+            stages._setup_logging(out, world)
+        warmup_rec = {"path": warmup, "reused": reused, "wall_s": time.perf_counter() - t0}
+
+        t0 = time.perf_counter()
+        pool = stages.fit_context(stages.load_items(base, purpose="rl"), text_only_policy(warmup),
+                                  max_new_tokens=base.max_new_tokens)
+        splits = stages.ensure_sampling(base, warmup, pool, world)
+        stages._setup_logging(out, world)
+        sampling_rec = {"folder": os.path.join(out, "sampling"), "counts": splits["counts"],
+                        "wall_s": time.perf_counter() - t0}
+
+        held, held_info = held_out_items(cc, base, pool)
+        eval_s = 0.0
+
+        def run_eval(model, folder):
+            nonlocal eval_s
+            summary = eval_cached(model, held, held_info, folder=folder, max_new_tokens=base.max_new_tokens, world=world)
+            if not summary["reused"]:
+                eval_s += summary["wall_s"]
+            return {**kind_scores(summary), "overall": {k: summary[k] for k in ("accuracy", "n", "correct", "lo", "hi")},
+                    "summary": os.path.join(folder, "heldout.summary.json"), "reused": summary["reused"]}
+
+        warmup_eval = run_eval(warmup, os.path.join(out, "eval", "warmup"))
+        per_arm = {a.key: [] for a in ARMS}
+        for seed in range(cc.seeds):
+            for arm in ARMS:
+                adir = os.path.join(out, arm.folder, f"seed{seed}")
+                start, recs = warmup, []
+                for spec, n in zip(arm.stages, arm.steps(cc.steps)):
+                    cfg = stage_config(cc, over, stage=spec.stage, seed=seed, output_dir=adir, max_steps=n)
+                    items = stage_items(cfg, spec.split, pool, splits)
+                    record = {"arm": arm.key, "seed": seed, "name": spec.name, "stage": spec.stage, "steps": n,
+                              "reward": spec.reward, "split": spec.split, "items": len(items), "init_model": start,
+                              "command": command}
+                    rec = train_stage(cfg, spec, sdir=os.path.join(adir, spec.name), init_model=start, items=items,
+                                      world=world, record=record)
+                    stages._setup_logging(out, world)
+                    recs.append(rec)
+                    start = rec["final"]
+                ev = run_eval(start, os.path.join(adir, "eval"))
+                log.info(f"arm {arm.key} seed {seed}: perception {ev['perception']['accuracy']:.3f}, "
+                         f"reasoning {ev['reasoning']['accuracy']:.3f} ({ev['perception']['n']} + "
+                         f"{ev['reasoning']['n']} held-out items)")
+                per_arm[arm.key].append({"seed": seed, "final": start, "stages": recs,
+                                         "wall_s": sum(r["wall_s"] or 0.0 for r in recs), "eval": ev})
+
+        arms = {}
+        for arm in ARMS:
+            runs = per_arm[arm.key]
+            arms[arm.key] = {"label": arm.label, "folder": arm.folder,
+                             "stages": [{"name": sp.name, "steps": n, "reward": sp.reward, "split": sp.split}
+                                        for sp, n in zip(arm.stages, arm.steps(cc.steps))],
+                             "per_seed": runs, **aggregate([r["eval"] for r in runs])}
+        result = {"command": command, "started": started, "wall_s": time.perf_counter() - t_start,
+                  "settings": {**dataclasses.asdict(cc), "device": cc.device, "max_new_tokens": base.max_new_tokens,
+                               "overrides": dataclasses.asdict(over)},
+                  "union_reward": UNION_FORMULA, "warmup": warmup_rec, "sampling": sampling_rec,
+                  "held_out": held_info, "eval_wall_s": eval_s, "warmup_eval": warmup_eval, "arms": arms}
+        result = _plain(result)
+        _write_json(os.path.join(out, "curriculum.json"), result)
+        with open(os.path.join(out, "curriculum.md"), "w") as f:
+            f.write(markdown(result))
+        plot(result, os.path.join(out, "curriculum.png"))
+        log.info(f"curriculum ablation done in {result['wall_s']:.0f}s: {os.path.join(out, 'curriculum.md')}")
+    return result
+
+
+# ---- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pebr.experiment", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    c = sub.add_parser("curriculum", help="a: stage 2 alone, b: stage 1 then stage 2, c: one stage on the union "
+                                          "reward; held-out accuracy, mean and interval over seeds",
+                       description="\n\n".join(__doc__.split("\n\n")[1:6]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    fields = {"": add_fields(c, CurriculumConfig)}
+    shown = C.preset("tiny", 2)
+    g = c.add_argument_group("training settings, every stage alike (default: the preset's; shown: tiny)")
+    fields["train"] = add_fields(g, C.TrainConfig, shown=shown, only=_TRAIN_FLAGS, aliases={"group_size": ["-n"]},
+                                 unset_default=True)
+    fields["sft"] = add_fields(g, C.SFTConfig, shown=shown.sft, prefix="sft-", only=_SFT_FLAGS,
+                               aliases={"num_items": ["--sft-items"], "batch_size": ["--sft-batch"]}, unset_default=True)
+    fields["sampling"] = add_fields(g, C.SamplingConfig, shown=shown.sampling, prefix="sampling-", only=_SAMPLING_FLAGS,
+                                    aliases={"num_items": ["--sampling-items"]}, unset_default=True)
+    c.set_defaults(_fields=fields)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    f = args._fields
+    try:
+        cc = CurriculumConfig(**given(args, f[""]))
+        if cc.device is None:
+            cc.device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_device(cc.device)
+        over = Overrides(given(args, f["train"]), given(args, f["sft"]), given(args, f["sampling"]))
+        check_eval_seed(cc, stage_config(cc, over, stage=1, seed=0, output_dir=cc.output_dir))  # bad values: one line now
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    run_curriculum(cc, over, command="python -m pebr.experiment " + shlex.join(argv))
+    print(f"table: {os.path.join(cc.output_dir, 'curriculum.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
