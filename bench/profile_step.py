@@ -7,7 +7,7 @@
 Runs `--steps` GRPO steps of the tiny stage-1 preset (16 prompts x n = 8, 2 updates of 8 prompts,
 max 96 new tokens) on the built-in items and prints, per step, the wall time of: rollout prefill
 (one forward over the step's prompts, timed separately: transformers' generate does not report
-it), rollout (prefill + decode, as the trainer runs it), rewards, reference log-probs, policy
+it), rollout (prefill + decode, as the trainer runs it), rewards, old log-probs (two updates a step need them), reference log-probs, policy
 forward, loss + backward, and the optimizer (clip + AdamW). The first step is a warm-up and is
 not averaged. Name the CPU and ISA beside any figure you quote (the last line prints them).
 """
@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-PHASES = ("rollout", "rollout_prefill_once", "rewards", "reference", "policy_forward", "loss_backward", "optimizer")
+PHASES = ("rollout", "rollout_prefill_once", "rewards", "old_logprobs", "reference", "policy_forward", "loss_backward", "optimizer")
 
 
 class PhaseTimer:

@@ -26,6 +26,16 @@ from pebr.checkpoint import Checkpointer, load_trainer_state, rng_state, set_rng
 from pebr.distributed import World
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 7.3 -> '7s'."""
+    s = int(round(max(0.0, seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
 def build_optimizer(model, *, lr: float, weight_decay: float, betas=(0.9, 0.999), warmup_steps: int = 0):
     """AdamW on the trainable parameters + constant LR after a linear warm-up -> (optimizer, scheduler)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,8 +146,9 @@ class Trainer:
     def progress_postfix(self, metrics: dict) -> dict:
         return {}
 
-    def step_line(self, m: dict) -> str:
-        """One compact line of a step's metrics: what `log_every` writes to the log and train.log."""
+    def step_line(self, m: dict, eta_s: float | None = None) -> str:
+        """One compact line of a step's metrics: what `log_every` writes to the log and train.log.
+        eta_s: the estimated seconds left (this run's mean step time so far x steps left)."""
         parts = [f"step {m['step']}/{self.total_steps}"]
         for key, name in (("reward/overall", "reward"), ("accuracy", "acc"), ("loss", "loss"), ("kl", "kl")):
             if isinstance(m.get(key), (int, float)):
@@ -145,6 +156,8 @@ class Trainer:
         if m.get("skipped"):
             parts.append("update skipped")
         parts.append(f"{m.get('step_time_s', 0.0):.2f}s/step")
+        if eta_s is not None and self.step < self.total_steps:
+            parts.append(f"eta {format_duration(eta_s)}")
         return " ".join(parts)
 
     def train(self) -> list[dict]:
@@ -162,15 +175,21 @@ class Trainer:
             redirect = logging_redirect_tqdm(loggers=[logging.getLogger("pebr")])  # log lines above the bar
             redirect.__enter__()
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step")
+        t_start, first = time.perf_counter(), self.step
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
+                done = self.step - first
+                eta = (time.perf_counter() - t_start) / done * (self.total_steps - self.step)
+                if done == 1 and self.step < self.total_steps:  # say early how long the stage will take
+                    self.log(f"{self.desc}: first step {metrics.get('step_time_s', 0.0):.1f}s; "
+                             f"about {format_duration(eta)} for the {self.total_steps - self.step} steps left")
                 metrics["world_size"] = self.world.world_size
                 self.history.append(metrics)
                 if self.metrics_log is not None:
                     self.metrics_log.append(metrics)
                 if self.step % every == 0 or self.step == self.total_steps:
-                    self.log(self.step_line(metrics))
+                    self.log(self.step_line(metrics, eta))
                 if self.step % cfg.save_every == 0 or self.step == self.total_steps:
                     self.save()
                 if bar is not None:

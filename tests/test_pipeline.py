@@ -155,6 +155,8 @@ def test_first_stage1_uses_the_sft_flags_and_says_what_runs_first(tmp_path):
     log0 = (run / "stage0" / "train.log").read_text()
     assert "stage 0 (warm-up SFT): 1 steps" in log0 and "step 1/1 loss " in log0  # --log-every reaches the warm-up
     assert "step 1/2 reward " in log1 and "step 2/2 reward " in log1 and " kl " in log1 and "s/step" in log1
+    assert "stage 1 GRPO: first step " in log1 and "for the 1 steps left" in log1  # how long, said early
+    assert re.search(r"step 1/2 reward .* eta \d+s", log1) and not re.search(r"step 2/2 .* eta", log1)
     assert "first 1 " in log1 and "last 1 " in log1 and "first 10" not in log1  # 2 steps: no claim of 10
 
 

@@ -50,6 +50,17 @@ def test_step_line_is_compact_and_names_what_is_there():
     assert Trainer.step_line(fake, grpo) == "step 10/150 reward 0.5123 acc 0.125 loss -0.0123 kl 0.0021 2.35s/step"
     sft = {"step": 3, "loss": 1.5, "step_time_s": 0.5, "skipped": 1}
     assert Trainer.step_line(fake, sft) == "step 3/150 loss 1.5 update skipped 0.50s/step"
+    fake.step = 10
+    assert Trainer.step_line(fake, grpo, 341.0).endswith("2.35s/step eta 5m41s")
+    fake.step = 150  # the last step: nothing left to estimate
+    assert Trainer.step_line(fake, grpo, 0.0).endswith("2.35s/step")
+
+
+def test_format_duration():
+    from pebr.trainer import format_duration
+
+    assert [format_duration(x) for x in (0, 7.3, 59.6, 125, 3599, 3725, -4)] == \
+        ["0s", "7s", "1m00s", "2m05s", "59m59s", "1h02m", "0s"]
 
 
 def test_summary_never_claims_more_steps_than_ran():
