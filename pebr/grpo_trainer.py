@@ -51,7 +51,7 @@ from pebr.trainer import build_optimizer, peak_mem_mb, set_vision_trainable  # n
 
 # What forward_backward_step sums over micro-batches (token-weighted metrics carry their tokens).
 SUMMED = ("loss", "tokens", "entropy", "kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "rollout_logp_diff",
-          "rollout_tokens")
+          "rollout_tokens", "padded_tokens")
 
 
 @dataclasses.dataclass
@@ -283,6 +283,8 @@ class GRPOTrainer(Trainer):
             result[k] = g[k] / tok
         result["rollout_logp_diff"] = g["rollout_logp_diff"] / ro_tok if g["rollout_tokens"] else float("nan")
         result["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+        # the share of the update's response positions that were padding (trimmed per micro-batch)
+        result["update_padding"] = 1.0 - g["tokens"] / g["padded_tokens"] if g["padded_tokens"] else 0.0
         result["skipped"] = skipped
         result["updates"] = n_updates - skipped
         return result
@@ -313,7 +315,8 @@ class GRPOTrainer(Trainer):
         if not mb.groups:
             return {}
         tok = float(mask.sum())
-        out = {"loss": float(loss.detach()) * mb.loss_weight, "tokens": tok,
+        # response positions the passes computed: rows x the micro-batch's trimmed width
+        out = {"loss": float(loss.detach()) * mb.loss_weight, "tokens": tok, "padded_tokens": float(mask.numel()),
                "entropy": float((ent.detach() * mask).sum())}
         for k in ("kl", "ppo_kl", "clipfrac_high", "clipfrac_low"):
             out[k] = float(m[k]) * tok

@@ -48,6 +48,8 @@ def test_fast_kernels_train_like_the_reference(tmp_path):
     ref_hist, ref_w = _train("torch", tmp_path)
     fast_hist, fast_w = _train(FAST[0], tmp_path)
     assert len(ref_hist) == len(fast_hist) == 3
+    # the update's padding share is reported, a fraction (responses of uneven length leave some)
+    assert all(0.0 <= h["update_padding"] < 1.0 for h in ref_hist + fast_hist)
     for step, (a, b) in enumerate(zip(ref_hist, fast_hist), 1):
         # The same responses (sampling sees logits equal to fp32 rounding), hence the same rewards.
         assert a["reward/overall"] == pytest.approx(b["reward/overall"], abs=1e-6), f"step {step} rewards"
