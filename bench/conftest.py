@@ -3,6 +3,9 @@ session ends with one table per group, each row's time ratio to the `torch` refe
 in the same run, its throughput, and its fraction of the machine's floor.
 
 Run: `pytest bench/ --benchmark-only`. Tensors live on `ENGINE_TEST_DEVICE` (default cpu).
+Times: pytest-benchmark's clock on CPU; CUDA events with the L2 flushed on a GPU (bench.common.timed).
+`ENGINE_BENCH_JSONL=path`: each row is appended there as it is measured (the floors first), so a run
+cut short by a time limit still leaves its rows (bench/gpu.sh reads them).
 """
 import os
 
@@ -16,6 +19,13 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 from bench.common import machine_floors  # noqa: E402
+
+
+def _append_jsonl(obj: dict) -> None:
+    path = os.environ.get("ENGINE_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
 
 DEVICE = torch.device(os.environ.get("ENGINE_TEST_DEVICE", "cpu"))
 # Benchmarked backends on this device: the reference and the fast ones that are real here
@@ -45,10 +55,15 @@ def record():
     """
 
     def _record(benchmark, *, group: str, backend: str, bytes: int = 0, flops: int = 0, peak_bytes=None, floor="read", dtype="float32"):
-        if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
-            return
-        median = benchmark.stats.stats.median
-        row = dict(group=group, backend=backend, median_ms=median * 1e3, bytes=bytes, flops=flops, floor=floor, dtype=dtype)
+        median = benchmark.extra_info.get("device_median_s")  # the GPU's own clock (bench.common.timed)
+        if median is None:
+            if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
+                return
+            median = benchmark.stats.stats.median
+        if not _RESULTS:  # the floors once, before the first row, so the JSONL has them even if cut short
+            _append_jsonl({"device": DEVICE.type, "floors": machine_floors(DEVICE.type)})
+        row = dict(group=group, backend=backend, median_ms=median * 1e3, bytes=bytes, flops=flops, floor=floor, dtype=dtype,
+                   timer=benchmark.extra_info.get("timer", "pytest-benchmark (host clock)"))
         if bytes:
             row["GBps"] = bytes / median / 1e9
         if flops:
@@ -57,6 +72,7 @@ def record():
             row["peak_extra_MB"] = peak_bytes / 1e6
         benchmark.extra_info.update(row)
         _RESULTS.append(row)
+        _append_jsonl(row)
 
     return _record
 
@@ -75,12 +91,16 @@ def pytest_terminal_summary(terminalreporter):
         groups.setdefault(row["group"], []).append(row)
     for group, rows in groups.items():
         ref = next((r for r in rows if r["backend"] == "torch"), None)
+        liger = next((r for r in rows if r["backend"] == "liger"), None)  # Liger-Kernel, where importable (CUDA)
         tr.write_line(f"{group}")
         for r in rows:
             parts = [f"  {r['backend']:<7} {r['median_ms']:10.3f} ms"]
             if ref is not None:
                 r["speedup_vs_torch"] = ref["median_ms"] / r["median_ms"]
                 parts.append(f"{r['speedup_vs_torch']:6.2f}x vs torch")
+            if liger is not None:
+                r["speedup_vs_liger"] = liger["median_ms"] / r["median_ms"]
+                parts.append(f"{r['speedup_vs_liger']:6.2f}x vs liger")
             if "GBps" in r:
                 parts.append(f"{r['GBps']:8.1f} GB/s ({100 * r['GBps'] / floors['read_GBps']:.0f}% of read BW)")
             if "TFLOPs" in r:

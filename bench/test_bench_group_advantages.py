@@ -10,14 +10,15 @@ import torch
 
 import engine
 import engine.ops as ops
+from bench.common import on_device, timed
 
 GROUP = 8
 SHAPES = [560 * GROUP, 65536]
 
 
 def _rewards(B, device):
-    g = torch.Generator().manual_seed(0)
-    return (torch.rand(B, generator=g) > 0.5).float().to(device)  # accuracy-style 0/1 rewards
+    g = on_device(device)
+    return (torch.rand(B, generator=g, device=device) > 0.5).float()  # accuracy-style 0/1 rewards
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])
@@ -29,6 +30,6 @@ def test_group_advantages(benchmark, record, bench_backend, device, B, scale):
         return ops.group_advantages(rewards, GROUP, scale=scale)
 
     with engine.backend(bench_backend):
-        benchmark.pedantic(fwd, rounds=100, iterations=1, warmup_rounds=1)
+        timed(benchmark, fwd, device, rounds=100)
     record(benchmark, group=f"group_advantages B={B} group_size={GROUP} scale={scale}", backend=bench_backend,
            bytes=rewards.numel() * rewards.element_size() + B * 4)

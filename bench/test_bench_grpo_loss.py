@@ -12,17 +12,19 @@ import torch
 
 import engine
 import engine.ops as ops
+from bench.common import on_device, timed
 
 SHAPES = [(64, 2048), (512, 2048)]
 
 
 def _inputs(B, T, device, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    logp = (torch.randn(B, T, generator=g) * 0.5 - 2).to(device=device, dtype=dtype)
-    old = (logp.float().cpu() + 0.1 * torch.randn(B, T, generator=g)).to(device=device, dtype=dtype)
-    ref = (logp.float().cpu() + 0.1 * torch.randn(B, T, generator=g)).to(device=device, dtype=dtype)
-    adv = torch.randn(B, generator=g).to(device)
-    mask = (torch.rand(B, T, generator=g) > 0.2).to(device)
+    g, kw = on_device(device), dict(device=device)
+    logp32 = torch.randn(B, T, generator=g, **kw) * 0.5 - 2
+    old = (logp32 + 0.1 * torch.randn(B, T, generator=g, **kw)).to(dtype)
+    ref = (logp32 + 0.1 * torch.randn(B, T, generator=g, **kw)).to(dtype)
+    logp = logp32.to(dtype)
+    adv = torch.randn(B, generator=g, **kw)
+    mask = torch.rand(B, T, generator=g, **kw) > 0.2
     return logp, adv, mask, old, ref
 
 
@@ -51,7 +53,7 @@ def test_grpo_loss_fwd_bwd(benchmark, record, bench_backend, device, B, T):
 
     with engine.backend(bench_backend):
         # many single-call rounds: the median then ignores calls stalled by other processes on the cores
-        benchmark.pedantic(step, rounds=100 if B <= 64 else 10, iterations=1, warmup_rounds=1)
+        timed(benchmark, step, device, rounds=100 if B <= 64 else 10)
     record(benchmark, group=f"grpo_loss fwd+bwd B={B} T={T} float32{_cpu_path(device)}", backend=bench_backend,
            bytes=_bytes(logp, adv, mask, old, ref, backward=True))
 
@@ -64,6 +66,6 @@ def test_grpo_loss_fwd(benchmark, record, bench_backend, device, B, T):
         return ops.grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, kl_coef=0.01)
 
     with engine.backend(bench_backend):
-        benchmark.pedantic(fwd, rounds=100, iterations=1, warmup_rounds=1)
+        timed(benchmark, fwd, device, rounds=100)
     record(benchmark, group=f"grpo_loss fwd B={B} T={T} float32{_cpu_path(device)}", backend=bench_backend,
            bytes=_bytes(logp, adv, mask, old, ref, backward=False))

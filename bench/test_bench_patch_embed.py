@@ -10,16 +10,16 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.common import sync, vision_weight
+from bench.common import on_device, timed, vision_weight
 from bench.common import VISION_D as D, VISION_DTYPES as DTYPES, VISION_FLOPS as FLOPS, VISION_K as K, VISION_N as N
 
 
 def inputs(device, dtype):
     """(pixel_values [N, K], weight [D, C, Tp, P, P], grad [N, D]) on `device`, requiring grad."""
-    gen = torch.Generator().manual_seed(0)
-    pv = torch.randn(N, K, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    gen = on_device(device)
+    pv = torch.randn(N, K, generator=gen, device=device).to(dtype).requires_grad_()
     weight = vision_weight(device, dtype, gen).requires_grad_()
-    grad = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype)
+    grad = torch.randn(N, D, generator=gen, device=device).to(dtype)
     return pv, weight, grad
 
 
@@ -31,11 +31,9 @@ def test_bench_patch_embed(benchmark, record, bench_backend, device, dtype):
     def fn():
         with engine.backend(bench_backend):
             out = ops.patch_embed(pv, w)
-        grads = torch.autograd.grad(out, (pv, w), g)
-        sync(device)
-        return grads
+        return torch.autograd.grad(out, (pv, w), g)
 
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    timed(benchmark, fn, device, rounds=5)
     name = str(dtype).replace("torch.", "")
     record(benchmark, group=f"patch_embed fwd+bwd [{N}, {K}] x [{D}, {K}] {name}", backend=bench_backend,
            flops=3 * FLOPS, floor="matmul", dtype=name)

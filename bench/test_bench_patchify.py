@@ -12,7 +12,7 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.common import sync, vision_images
+from bench.common import on_device, timed, vision_images
 from bench.common import VISION_B as B, VISION_C as C, VISION_H as H, VISION_K as K, VISION_N as N
 from bench.common import VISION_W as W
 
@@ -21,25 +21,20 @@ GROUP = f"patchify {B}x{C}x{H}x{W} uint8 -> [{N}, {K}] fp32"
 
 
 def images_on(device):
-    return vision_images(device, torch.Generator().manual_seed(0))
+    return vision_images(device, on_device(device))
 
 
 def test_bench_patchify(benchmark, record, bench_backend, device):
     images = images_on(device)
 
-    def fn():
-        out = ops.patchify(images)
-        sync(device)
-        return out
-
     with engine.backend(bench_backend):
-        benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+        timed(benchmark, lambda: ops.patchify(images), device, rounds=10)
     record(benchmark, group=GROUP, backend=bench_backend, bytes=BYTES)
 
 
 def test_bench_hf_processor(benchmark, record, device):
     proc_mod = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
     proc = proc_mod.Qwen2VLImageProcessorPil(do_resize=False)
-    arrays = [np.ascontiguousarray(im.numpy()) for im in images_on("cpu")]  # the processor takes host arrays
+    arrays = [np.ascontiguousarray(im.numpy()) for im in images_on(torch.device("cpu"))]  # the processor takes host arrays
     benchmark.pedantic(lambda: proc(images=arrays, return_tensors="pt"), rounds=3, warmup_rounds=1)
     record(benchmark, group=GROUP, backend="hf", bytes=BYTES)

@@ -15,7 +15,7 @@ import torch
 
 import engine
 import engine.ops as ops
-from bench.common import sync, vision_images, vision_weight
+from bench.common import on_device, timed, vision_images, vision_weight
 from bench.common import VISION_B as B, VISION_C as C, VISION_D as D, VISION_DTYPES as DTYPES
 from bench.common import VISION_FLOPS as FLOPS, VISION_H as H, VISION_K as K, VISION_N as N
 from bench.common import VISION_P as P, VISION_TP as TP, VISION_W as W
@@ -24,7 +24,7 @@ from engine import reference
 
 def inputs(device, dtype):
     """(images [B, C, H, W] uint8, weight [D, C, Tp, P, P]) on `device`."""
-    gen = torch.Generator().manual_seed(0)
+    gen = on_device(device)
     return vision_images(device, gen), vision_weight(device, dtype, gen)
 
 
@@ -38,20 +38,11 @@ def _record(record, benchmark, dtype, backend):
            floor="matmul", dtype=name, bytes=B * C * H * W + out_bytes)
 
 
-def _timed(device, fn):
-    def run():
-        out = fn()
-        sync(device)
-        return out
-
-    return run
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bench_patchify_embed(benchmark, record, bench_backend, device, dtype):
     images, weight = inputs(device, dtype)
     with engine.backend(bench_backend):
-        benchmark.pedantic(_timed(device, lambda: ops.patchify_embed(images, weight)), rounds=10, warmup_rounds=1)
+        timed(benchmark, lambda: ops.patchify_embed(images, weight), device, rounds=10)
     _record(record, benchmark, dtype, bench_backend)
 
 
@@ -74,7 +65,7 @@ def test_bench_hf_processor_and_conv3d(benchmark, record, device, dtype):
     out = fn()
     ref, _ = reference.patchify_embed(images, weight)
     torch.testing.assert_close(out.float(), ref.float(), atol=0.05 if dtype != torch.float32 else 1e-4, rtol=0.02)
-    benchmark.pedantic(_timed(device, fn), rounds=3, warmup_rounds=1)
+    timed(benchmark, fn, device, rounds=3)
     _record(record, benchmark, dtype, "hf")
 
 
@@ -83,7 +74,7 @@ def test_bench_patchify_then_linear(benchmark, record, device, dtype):
     images, weight = inputs(device, dtype)
     w2 = weight.reshape(D, K)
     fn = lambda: torch.nn.functional.linear(ops.patchify(images)[0].to(dtype), w2)  # noqa: E731
-    benchmark.pedantic(_timed(device, fn), rounds=10, warmup_rounds=1)
+    timed(benchmark, fn, device, rounds=10)
     _record(record, benchmark, dtype, "patchify+linear")
 
 
@@ -92,5 +83,5 @@ def test_bench_bare_gemm(benchmark, record, device, dtype):
     images, weight = inputs(device, dtype)
     pv = reference.patchify(images)[0].to(dtype)
     w2 = weight.reshape(D, K)
-    benchmark.pedantic(_timed(device, lambda: torch.nn.functional.linear(pv, w2)), rounds=10, warmup_rounds=1)
+    timed(benchmark, lambda: torch.nn.functional.linear(pv, w2), device, rounds=10)
     _record(record, benchmark, dtype, "gemm")

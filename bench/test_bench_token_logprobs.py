@@ -14,15 +14,16 @@ import torch
 
 import engine
 import engine.ops as ops
+from bench.common import liger_or_skip, on_device, timed
 from bench.common import peak_extra_bytes as peak_bytes
 
 N, V = 4096, 32000
 
 
 def _inputs(device, dtype):
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype)
-    ids = torch.randint(0, V, (N,), generator=g).to(device)
+    g = on_device(device)
+    logits = (torch.randn(N, V, generator=g, device=device) * 2).to(dtype)
+    ids = torch.randint(0, V, (N,), generator=g, device=device)
     return logits, ids
 
 
@@ -62,7 +63,7 @@ def test_token_logprobs_fwd(benchmark, record, bench_backend, device, dtype, ret
     logits, ids = _case_inputs(device, dtype, return_entropy)
     fwd = _forward(bench_backend, return_entropy)
     with engine.backend(bench_backend), torch.no_grad():
-        benchmark.pedantic(lambda: fwd(logits, ids), rounds=7, warmup_rounds=1)
+        timed(benchmark, lambda: fwd(logits, ids), device, rounds=7)
     what = "logp+entropy" if return_entropy else "logp"
     record(benchmark, group=f"token_logprobs fwd ({what}) N={N} V={V} {str(dtype)[6:]}", backend=bench_backend,
            bytes=logits.numel() * logits.element_size(), dtype=str(dtype)[6:])
@@ -83,9 +84,28 @@ def test_token_logprobs_fwd_bwd(benchmark, record, bench_backend, device, dtype,
         return x.grad
 
     with engine.backend(bench_backend):
-        benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+        timed(benchmark, step, device, rounds=5)
         x.grad = None  # measure from a state without last round's gradient
         peak = peak_bytes(step, device)
     what = "logp+entropy" if return_entropy else "logp"
     record(benchmark, group=f"token_logprobs fwd+bwd ({what}) N={N} V={V} {str(dtype)[6:]}", backend=bench_backend,
            bytes=3 * logits.numel() * logits.element_size(), peak_bytes=peak, dtype=str(dtype)[6:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_liger_cross_entropy_fwd_bwd(benchmark, record, device, dtype):
+    """The `liger` row of the fwd+bwd (logp) groups: Liger-Kernel's cross entropy (reduction="none",
+    i.e. -logp per row) with the same inputs and upstream gradient (CUDA only, where importable)."""
+    ce = liger_or_skip(device, "LigerCrossEntropyLoss")(reduction="none")
+    logits, ids = _inputs(device, dtype)
+    x = logits.clone().requires_grad_()
+    g = torch.randn(N, device=device)
+
+    def step():
+        x.grad = None
+        (-ce(x, ids) * g).sum().backward()
+        return x.grad
+
+    timed(benchmark, step, device, rounds=5)
+    record(benchmark, group=f"token_logprobs fwd+bwd (logp) N={N} V={V} {str(dtype)[6:]}", backend="liger",
+           bytes=3 * logits.numel() * logits.element_size(), dtype=str(dtype)[6:])

@@ -6,29 +6,97 @@ chunked matmul around `token_logprobs`' row kernels, which `engine/kernels.py` r
 chunk's logits (`[chunk, V]`, in the input dtype; the matmul accumulates in fp32) go through
 `token_logprobs_fwd`, forward and backward. Backward recomputes each chunk's logits into the same
 buffer, turns them into dlogits in place (`token_logprobs_bwd_inplace`), then
-`dhidden[chunk] = dlogits @ W`, `dW += dlogits.T @ hidden[chunk]`, `dbias += dlogits.sum(0)`.
-Peak extra memory: one chunk buffer plus the gradients themselves.
+`dhidden[chunk] = dlogits @ W`, `dW += dlogits.T @ hidden[chunk]` (one GEMM into an fp32
+accumulator), `dbias += dlogits.sum(0)`. Peak extra memory: one chunk buffer plus the gradients.
+Nothing in either chunk loop waits for the device: no `.item()`, no branch on a tensor's value;
+the id range is checked once before the loop, the +inf / temperature rule once after it.
 Contract: `docs/ops.md#linear_token_logprobs`.
+
+What the op costs at the target shape (N=8192 tokens, H=4096, V=151936, bf16, on an H200:
+~990 dense bf16 TFLOP/s, 4.8 TB/s):
+- FLOPs: one [N, H] x [H, V] matmul is 2·N·H·V = 10.2 TFLOP = 10.3 ms at peak. The op runs four:
+  forward logits, the backward's recompute of them, dhidden, dW (41 TFLOP, 41 ms at peak). Three
+  (30.9 ms) would need the upstream gradient in the forward, as a fused cross-entropy loss has it;
+  this op returns per-token logp/entropy whose upstream gradients arrive only in backward, and
+  keeping the [N, V] logits instead (2.5 GB in bf16) is what the op exists to avoid.
+- Bytes it must move: W read in forward and backward and dW written (3 x 1.25 GB), hidden read
+  twice and dhidden written (3 x 67 MB): ~3.9 GB, 0.8 ms at 4.8 TB/s. The chunked design adds the
+  logits' round trips (forward: written by the GEMM, read by the row kernel; backward: written,
+  read and rewritten by the row kernel, read by two GEMMs: 7 x N·V·2 B = 17 GB, ~3.6 ms) and, per
+  chunk, W re-read by two or three GEMMs and the fp32 dW accumulator read and written (5 GB) inside
+  the dW GEMM; with the default ~1664-row chunks (5 chunks) that traffic hides under the GEMMs'
+  own compute (their arithmetic intensity stays above twice the H200's ridge of ~206 FLOP/B).
+- Lower bound: ~41 ms (compute-bound; memory alone would take ~1 ms). Target: within 1.2x of the
+  time of its four matmuls as the GPU measures them; against three (a fused cross-entropy's count)
+  that is 1.33x at best, for the reason above.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from engine import _validate, dispatch, kernels, reference
 from engine.token_logprobs import empty_row_outputs, upstream
 
-__all__ = ["linear_token_logprobs", "default_chunk_size"]
-
-# Bytes of one chunk's logits: 32 MiB keeps the buffer at a few % of the full logits at LM-head
-# sizes while each chunk's matmul (e.g. [256, H] x [H, 32000]) still runs at full GEMM speed.
-CHUNK_BYTES = 32 * 2**20
+__all__ = ["linear_token_logprobs", "default_chunk_size", "chunk_rows", "ChunkRule", "GPU_RULE", "CPU_RULE"]
 
 
-def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: ~CHUNK_BYTES of logits, a multiple of 16 (GEMM tiles), at least 16, at most n_rows."""
-    rows = CHUNK_BYTES // max(1, vocab * torch.empty((), dtype=dtype).element_size())
-    rows = max(16, rows // 16 * 16)
-    return max(1, min(rows, n_rows))
+@dataclass(frozen=True)
+class ChunkRule:
+    """How many rows of logits one chunk holds (docs/ops.md#linear_token_logprobs, "Chunk size")."""
+
+    budget_bytes: int  # the most one [chunk, V] logits block may take, counted at 4 bytes (fp32) a logit
+    ridge: float  # the device's matmul FLOP/s over its bytes/s: a GEMM below this intensity waits on memory
+    headroom: float = 2.0  # aim the dW GEMM at this multiple of the ridge, so its fp32 accumulator traffic hides
+    align: int = 64  # rows rounded to a multiple of this (GEMM tiles), when the budget allows that many
+
+
+# H200: 990 TFLOP/s bf16 / 4.8 TB/s = 206 FLOP/B (H100: 295); 1 GiB of fp32-sized logits is < 1%
+# of its memory and at V = 151936 allows 1766 rows.
+GPU_RULE = ChunkRule(budget_bytes=2**30, ridge=206.0)
+# CPU (AMX bf16 ~2.8 TFLOP/s over ~31 GB/s = 90 FLOP/B); a smaller budget: CPU RAM is shared with
+# everything else, and past ~1000 rows the chunk GEMMs are no faster.
+CPU_RULE = ChunkRule(budget_bytes=128 * 2**20, ridge=64.0)
+
+
+def chunk_rows(n_rows: int, hidden_size: int | None, vocab: int, element_size: int, rule: ChunkRule) -> int:
+    """Rows per chunk from N, H, V: enough for the dW GEMM to be compute-bound, within the budget.
+
+    Per chunk of c rows, `dW += dlogits.T @ hidden[chunk]` does 2·c·V·H FLOPs and moves the fp32
+    accumulator in and out (8·V·H bytes) plus dlogits (e·c·V) and hidden (e·c·H) at e bytes per
+    entry: intensity 2c / (8 + e·c/H + e·c/V). Setting it to `headroom · ridge` = I gives
+    c = 8·I / (2 − e·I·(1/H + 1/V)) (the forward and dhidden GEMMs, which move no fp32 accumulator,
+    are then above I too). When no c reaches I (small H) or H is unknown, the budget decides alone.
+    Then: at most `budget_bytes / (4·V)` rows (the budget wins over speed), at most N, and N split
+    into equal chunks (8192 rows by 1728 would leave a 1280-row tail: 5 chunks of 1664 instead).
+    Pure arithmetic: nothing is allocated.
+    """
+    if n_rows <= 1:
+        return 1
+    cap = rule.budget_bytes // (4 * max(1, vocab))
+    cap = cap // rule.align * rule.align if cap >= rule.align else max(1, cap)
+    target = rule.headroom * rule.ridge
+    denom = 2.0 - element_size * target * (1.0 / hidden_size + 1.0 / vocab) if hidden_size else -1.0
+    want = math.ceil(8.0 * target / denom / rule.align) * rule.align if denom > 0 else cap
+    rows = min(want, cap)
+    if rows >= n_rows:
+        return n_rows
+    balanced = -(-n_rows // -(-n_rows // rows))  # ceil(N / number of chunks)
+    if rows >= rule.align:
+        balanced = -(-balanced // rule.align) * rule.align  # still <= rows: rows is a multiple of align
+    return min(rows, balanced)
+
+
+def default_chunk_size(
+    n_rows: int, vocab: int, dtype: torch.dtype, *, hidden_size: int | None = None, device: str | torch.device = "cpu"
+) -> int:
+    """Rows per chunk for these sizes on this kind of device (`chunk_rows` with GPU_RULE or CPU_RULE)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    rule = CPU_RULE if kind == "cpu" else GPU_RULE
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
+    return chunk_rows(n_rows, hidden_size, vocab, size, rule)
 
 
 def linear_token_logprobs(
@@ -50,7 +118,8 @@ def linear_token_logprobs(
         bias: optional `[V]`, the dtype of `hidden`.
         temperature: positive.
         return_entropy: also return the entropy of each row's distribution.
-        chunk_size: rows of logits alive at once (default: `default_chunk_size`, ~32 MiB of logits).
+        chunk_size: rows of logits alive at once (default: `default_chunk_size`: from N, H, V and
+            the device, hundreds to thousands of rows within a memory budget).
 
     Returns:
         `logp: [...]` float32, or `(logp, entropy)`. Differentiable in `hidden`, `weight`, `bias`.
@@ -64,7 +133,9 @@ def linear_token_logprobs(
         )
     H = hidden.shape[-1]
     n = ids.numel()  # (hidden.reshape(-1, H) is ambiguous for H = 0: reshape to (n, H))
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(n, weight.shape[0], hidden.dtype)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(
+        n, weight.shape[0], hidden.dtype, hidden_size=H, device=hidden.device
+    )
     logp, entropy, _stats = linear_token_logprobs_op(
         hidden.reshape(n, H), weight, ids.reshape(-1), bias, float(temperature), bool(return_entropy), chunk, backend
     )
@@ -169,9 +240,8 @@ def linear_token_logprobs_backward_op(
     n, V = hidden.shape[0], weight.shape[0]
     need_bias = need_bias and bias is not None
     grad_hidden = hidden.new_empty(hidden.shape if need_hidden else (0,))
-    # fp32 inputs accumulate dW/dbias in the output itself; bf16/fp16 in an fp32 buffer, so that
-    # summing over chunks does not round to 16 bits each time
-    exact = hidden.dtype == torch.float32
+    # dW/dbias accumulate in fp32 (for fp32 inputs: the output itself), so that summing over chunks
+    # does not round to 16 bits each time; cast to the weight's dtype once, at the end
     f32 = dict(dtype=torch.float32, device=weight.device)
     grad_weight = torch.zeros(weight.shape if need_weight else (0,), **f32)
     grad_bias = torch.zeros(V if need_bias else 0, **f32)
@@ -179,7 +249,7 @@ def linear_token_logprobs_backward_op(
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
     bwd_inplace = kernels.get("token_logprobs_bwd_inplace", backend)
     buf = hidden.new_empty((min(chunk_size, n), V))
-    partial = torch.empty_like(weight) if need_weight and not exact else None  # one chunk's dW, then fp32
+    add_dw = _dw_accumulator(hidden, weight) if need_weight else None
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         h = hidden[s:e]
@@ -190,13 +260,50 @@ def linear_token_logprobs_backward_op(
                     grad_logp=g(grad_logp), grad_entropy=g(grad_entropy), temperature=temperature)
         if need_hidden:
             torch.mm(dz, weight, out=grad_hidden[s:e])
-        if need_weight and exact:
-            grad_weight.addmm_(dz.t(), h)
-        elif need_weight:
-            grad_weight.add_(torch.mm(dz.t(), h, out=partial))
+        if need_weight:
+            add_dw(grad_weight, dz.t(), h)
         if need_bias:
             grad_bias.add_(dz.sum(0, dtype=torch.float32))
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+def _dw_accumulator(hidden, weight):
+    """`add(acc, a, b)`: acc (fp32) += a @ b for a, b in the input dtype, as cheaply as the device allows.
+
+    fp32 inputs: `addmm_` into the accumulator. bf16/fp16 where torch has the mixed GEMM (CUDA:
+    `torch.addmm(..., out_dtype=torch.float32)`, fp32 accumulator in and out): one GEMM, no
+    temporary. Elsewhere (CPU) one chunk's dW goes through a reused [V, H] buffer in the input
+    dtype and is added into fp32: the chunk rule keeps that to a few adds (N / chunk of them).
+    """
+    if hidden.dtype == torch.float32:
+        return lambda acc, a, b: acc.addmm_(a, b)
+    if mixed_addmm_supported(hidden.device, hidden.dtype):
+        return lambda acc, a, b: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    partial = torch.empty_like(weight)
+
+    def add(acc, a, b):
+        acc.add_(torch.mm(a, b, out=partial))
+
+    return add
+
+
+_MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def mixed_addmm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(fp32_acc, a, b, out_dtype=torch.float32, out=fp32_acc)` runs for `dtype`
+    a, b on this kind of device; probed once per (device type, dtype) on 2x2 tensors (argument
+    checks raise on the host, so the probe never waits for the device)."""
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        try:
+            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            x = torch.ones(2, 2, dtype=dtype, device=device)
+            torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MIXED_ADDMM[key] = False
+    return _MIXED_ADDMM[key]
 
 
 @linear_token_logprobs_backward_op.register_fake

@@ -18,6 +18,7 @@ import torch
 
 import engine
 import engine.ops as ops
+import engine.linear_token_logprobs as ltl
 from engine.linear_token_logprobs import default_chunk_size
 from tests.tolerance import assert_matches_fp64
 
@@ -155,11 +156,119 @@ def test_same_as_token_logprobs_of_the_logits(backend_name, device):
     torch.testing.assert_close(fused, plain, rtol=0, atol=2e-5)
 
 
-def test_default_chunk_size_bounds_the_buffer():
-    rows = default_chunk_size(4096, 32000, torch.float32)
-    assert 16 <= rows < 4096 and rows * 32000 * 4 <= 40 * 2**20
-    assert default_chunk_size(3, 32000, torch.float32) == 3
-    assert default_chunk_size(10**6, 10**7, torch.float32) == 16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 16, 64])  # 37 rows: tails of 5; one chunk bigger than N
+def test_large_odd_vocab_chunk_boundaries(backend_name, device, dtype, chunk_size):
+    """V = 50021: odd, prime, more than one Triton block (16384 in the interpreter), not a multiple
+    of any vector width; logp, entropy and all three gradients against fp64."""
+    _skip_interpreter(backend_name, dtype)
+    hidden, weight, bias, ids = make((37,), 24, 50021, dtype, device)
+    check(backend_name, hidden, weight, bias, ids, temperature=1.3, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_token(backend_name, device, dtype):
+    _skip_interpreter(backend_name, dtype)
+    hidden, weight, bias, ids = make((1,), 40, 4099, dtype, device)
+    check(backend_name, hidden, weight, bias, ids, temperature=0.9)
+
+
+def test_chunk_rule_at_the_production_shape():
+    """N=8192 H=4096 V=151936 bf16 (pure arithmetic): hundreds+ rows on a GPU, a few equal chunks,
+    the [chunk, V] fp32 block within the budget (the old rule: 96 rows, 86 chunks)."""
+    N, H, V = 8192, 4096, 151936
+    assert default_chunk_size(N, V, torch.bfloat16) >= 128  # without H or a device: the CPU budget alone
+    rows = ltl.chunk_rows(N, H, V, 2, ltl.GPU_RULE)
+    assert 512 <= rows < N and rows % ltl.GPU_RULE.align == 0
+    assert rows * V * 4 <= ltl.GPU_RULE.budget_bytes
+    chunks = -(-N // rows)
+    assert chunks <= 8 and N - (chunks - 1) * rows >= rows // 2  # no sliver of a last chunk
+    assert default_chunk_size(N, V, torch.bfloat16, hidden_size=H, device="cuda:0") == rows
+    cpu = default_chunk_size(N, V, torch.bfloat16, hidden_size=H, device="cpu")
+    assert 128 <= cpu <= rows and cpu * V * 4 <= ltl.CPU_RULE.budget_bytes
+
+
+@pytest.mark.parametrize("rule", ["GPU_RULE", "CPU_RULE"])
+def test_chunk_rule_respects_the_budget(rule):
+    rule = getattr(ltl, rule)
+    for N in (1, 2, 37, 8192, 10**6):
+        for H in (None, 0, 16, 256, 4096, 16384):
+            for V in (1, 37, 32000, 151936, 10**7):
+                for e in (2, 4):
+                    rows = ltl.chunk_rows(N, H, V, e, rule)
+                    assert 1 <= rows <= N, (N, H, V, e, rows)
+                    assert rows == 1 or rows * V * 4 <= rule.budget_bytes, (N, H, V, e, rows)
+    # wider hidden states need fewer rows for the same GEMM intensity; never fewer than the tiles
+    assert ltl.chunk_rows(10**6, 16384, 151936, 2, rule) <= ltl.chunk_rows(10**6, 1024, 151936, 2, rule)
+
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def _count_host_syncs(monkeypatch, fn) -> int:
+    """Calls of the Tensor methods that wait for the device (on a GPU) while fn runs."""
+    n = [0]
+    for name in SYNCS:
+        def counted(self, *a, _orig=getattr(torch.Tensor, name), **k):
+            n[0] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return n[0]
+
+
+def test_no_host_sync_per_chunk(backend_name, device, monkeypatch):
+    """Forward + backward in 24 chunks make no more host syncs than in one (the id range before the
+    loop, the +inf rule after it, a constant number)."""
+    if backend_name == "torch":
+        pytest.skip("the torch backend is the plain reference: no chunks")
+    hidden, weight, bias, ids = make((24,), 16, 97, torch.float32, device)
+    g = torch.randn(24, device=device)
+
+    def fwd_bwd(chunk):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with engine.backend(backend_name):
+            logp, entropy = ops.linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], return_entropy=True,
+                                                      chunk_size=chunk)
+            (logp * g + entropy * g).sum().backward()
+
+    fwd_bwd(1)  # warm caches (kernel compiles, the mixed-GEMM probe)
+    one, many = (_count_host_syncs(monkeypatch, lambda c=c: fwd_bwd(c)) for c in (24, 1))
+    assert many == one <= 6, (one, many)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_16bit_dweight_is_one_gemm_into_fp32_without_temporary(backend_name, device, monkeypatch, chunk_size):
+    """Where torch has the mixed GEMM (CUDA: addmm with out_dtype=float32; emulated here), each
+    chunk's dW is one addmm into the fp32 accumulator: no [V, H] temporary in the input dtype."""
+    if backend_name == "torch":
+        pytest.skip("the torch backend is the plain reference: no chunks")
+    _skip_interpreter(backend_name, torch.bfloat16)
+    hidden, weight, bias, ids = make((13,), 24, 301, torch.bfloat16, device)
+    mixed, temporaries = [], []
+    real_addmm, real_mm = torch.addmm, torch.mm
+
+    def addmm(inp, a, b, *args, out_dtype=None, **kw):
+        if out_dtype is None:
+            return real_addmm(inp, a, b, *args, **kw)
+        assert out_dtype == torch.float32 and kw["out"] is inp and inp.dtype == torch.float32
+        mixed.append(a.shape[1])
+        return inp.addmm_(a.float(), b.float())  # what the fused GEMM computes (fp32 products and sums)
+
+    def mm(a, b, *args, **kw):
+        if kw.get("out") is not None and tuple(kw["out"].shape) == tuple(weight.shape):
+            temporaries.append(kw["out"].dtype)
+        return real_mm(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch, "mm", mm)
+    probed = getattr(ltl, "_MIXED_ADDMM", {})  # (a version without the probe must fail the asserts, not here)
+    monkeypatch.setitem(probed, (device.type, torch.bfloat16), True)
+    check(backend_name, hidden, weight, bias, ids, chunk_size=chunk_size)
+    assert mixed == [min(chunk_size, 13 - s) for s in range(0, 13, chunk_size)] and temporaries == []
 
 
 BAD_INPUTS = [

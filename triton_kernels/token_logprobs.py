@@ -1,6 +1,7 @@
 """Triton kernels of `token_logprobs`: one program per row, looping over the vocabulary in blocks.
 
-Forward keeps an online (max m, S = sum e^(z-m), T = sum e^(z-m) (z-m)) per row: lse = m + log S,
+Forward keeps an online (max m, S = sum e^(z-m), T = sum e^(z-m) (z-m)) per lane of the block (one
+exp per entry, no reduction inside the V loop) and merges the lanes once: lse = m + log S,
 entropy = log S - T/S; it returns stats [N, 2] = (m, log S). Backward recomputes
 p = e^((z - m) - log S) block by block:
 dlogits = (g_logp (onehot - p) + g_ent p (lse - entropy - z)) / temperature.
@@ -31,26 +32,41 @@ def _token_logprobs_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    n_nan = 0
+    # Each lane keeps its own online (m, s, t) over the columns it sees (start + lane of every
+    # block): the loop is elementwise, one exp per entry and no cross-lane reduction; the lanes
+    # merge once after the loop.
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    nans = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) / temperature
-        n_nan += tl.sum((z != z).to(tl.int32), axis=0)
-        new_m = tl.maximum(m, tl.max(z, axis=0))
-        # while every entry so far is -inf, shift by 0: all terms are exactly 0 either way
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - safe_m))
-        d = z - safe_m
+        is_nan = z != z
+        nans += is_nan.to(tl.int32)
+        z = tl.where(is_nan, float("-inf"), z)  # counted above; kept out of the sums
+        up = z > m  # a new lane max: the lane's sums are rescaled to it
+        # d = min - max <= 0: z - m, or m - z for a new max; -inf where z is -inf (masked: adds
+        # nothing) or the lane was empty (its sums are 0 and stay 0). hi is 0 when both are -inf,
+        # so -inf - -inf (NaN) is never formed.
+        hi = tl.maximum(m, z)
+        d = tl.minimum(m, z) - tl.where(hi == float("-inf"), 0.0, hi)
         e = tl.exp(d)
+        ed = e * tl.where(e > 0.0, d, 0.0)  # e * d, with 0 (not 0 * -inf) where e is 0
         if RETURN_ENTROPY:
-            shift = tl.where(m == float("-inf"), 0.0, m - safe_m)
-            # masked entries (e = 0, d = -inf) add 0, not 0 * -inf
-            t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = new_m
+            t = tl.where(up, e * t + ed * s, t + ed)
+        s = tl.where(up, e * s + 1.0, s + e)  # a new max adds e^0 = 1
+        m = hi
+    # merge the lanes: shift each lane's sums from its max to the row's
+    row_m = tl.max(m, axis=0)
+    safe_m = tl.where(row_m == float("-inf"), 0.0, row_m)
+    sh = m - safe_m  # <= 0; -inf for a lane that saw nothing finite
+    sc = tl.exp(sh)
+    if RETURN_ENTROPY:  # t + sh * s only where the lane has weight (sh is -inf for an empty lane)
+        t = tl.sum(sc * (t + tl.where(sc > 0.0, sh, 0.0) * s), axis=0)
+    s = tl.sum(s * sc, axis=0)
+    n_nan = tl.sum(nans, axis=0)
+    m = row_m
     nan = float("nan")
     m = tl.where(n_nan > 0, nan, m)
     log_s = tl.log(s)
@@ -104,12 +120,17 @@ def _token_logprobs_bwd_kernel(
 def _block(V: int, block: int | None) -> int:
     if block is not None:
         return block
-    # the interpreter runs a block as one numpy op: bigger is faster there; on a GPU 4096 fp32
-    # per iteration keeps registers in check
+    # the interpreter runs a block as one numpy op: bigger is faster there. On a GPU 4096 columns
+    # per iteration: with the forward's four per-lane accumulators that is 32 registers a thread at
+    # 16 warps (V = 151936: 38 iterations, the last 9% full), so 2-3 blocks fit an SM.
     return min(triton.next_power_of_2(V), 16384 if _triton.interpreting() else 4096)
 
 
-def _warps(block: int) -> int:
+def _warps(block: int, V: int) -> int:
+    # a long row (an LM vocabulary, ~150k) is streamed by one program: 16 warps = 512 threads keep
+    # enough 16-byte loads in flight (8 bf16 each: 4096 / 512 = 8 columns a thread per iteration)
+    if block >= 4096 and V >= 65536:
+        return 16
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
@@ -132,7 +153,7 @@ def token_logprobs_fwd(
     _token_logprobs_fwd_kernel[(N,)](
         logits, ids.contiguous(), logp, stats, entropy if return_entropy else logp,
         V, logits.stride(0), float(temperature),
-        RETURN_ENTROPY=return_entropy, BLOCK=BLOCK, num_warps=_warps(BLOCK),
+        RETURN_ENTROPY=return_entropy, BLOCK=BLOCK, num_warps=_warps(BLOCK, V),
     )
     return logp, entropy, stats
 
@@ -190,6 +211,7 @@ def _launch_bwd(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temp
         grad_logp if grad_logp is not None else stats,
         grad_entropy if grad_entropy is not None else stats,
         V, logits.stride(0), grad.stride(0), float(temperature),
-        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK=BLOCK, num_warps=_warps(BLOCK),
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        BLOCK=BLOCK, num_warps=_warps(BLOCK, V),
     )
     return grad

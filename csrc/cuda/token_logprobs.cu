@@ -1,4 +1,7 @@
 // token_logprobs on CUDA: one block per row, fp32 accumulation, warp-shuffle reductions.
+// Rows are read (and the backward's grad written) in 16-byte vectors (float4-sized: 4 fp32 or
+// 8 bf16/fp16 per load) where the row pointer is 16-byte aligned, with scalar loops for the
+// unaligned head and the tail (split_row): an LM-head row of V = 151936 bf16 is 18992 vector loads.
 //
 // Forward: each thread keeps an online (m, S = sum e^(z-m), T = sum e^(z-m) (z-m)) over its strided
 // share of the row; the block merges the triples (warp shuffles, then one warp over the warps).
@@ -19,6 +22,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
@@ -74,19 +78,56 @@ __device__ __forceinline__ Online warp_merge(Online v) {
   return v;
 }
 
+// 16-byte vectors: 4 x fp32, 8 x bf16/fp16 (2 x fp64), loaded with one 128-bit instruction.
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  static constexpr int kN = 16 / sizeof(scalar_t);
+  scalar_t v[kN];
+};
+
+// How a row splits into a scalar head (up to the first 16-byte boundary), a body of whole
+// Vec16s, and a scalar tail. A row whose pointer is 16-byte aligned and whose length is a multiple
+// of the vector width (the LM-head chunk buffer at V = 151936) is all body. `other` is the
+// pointer that is written alongside (the backward's grad): when it sits at a different offset
+// within 16 bytes, nothing can be vectorized for both and the whole row is head.
+struct RowSplit {
+  int64_t head, n_vec;  // body: n_vec vectors from element `head`; tail from head + n_vec * kN
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowSplit split_row(const void* row, const void* other, int64_t V) {
+  constexpr int kN = Vec16<scalar_t>::kN;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(row), b = reinterpret_cast<uintptr_t>(other);
+  if (a % sizeof(scalar_t) != 0 || a % 16 != b % 16) return {V, 0};
+  const int64_t head = a % 16 == 0 ? 0 : static_cast<int64_t>((16 - a % 16) / sizeof(scalar_t));
+  if (head >= V) return {V, 0};
+  return {head, (V - head) / kN};
+}
+
 template <typename scalar_t, int kThreads>
 __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
     const scalar_t* __restrict__ logits, int64_t row_stride, int64_t V, const int64_t* __restrict__ ids,
     float temperature, float* __restrict__ logp, float* __restrict__ entropy, float* __restrict__ stats) {
+  constexpr int kN = Vec16<scalar_t>::kN;
   const int64_t row = blockIdx.x;
   const scalar_t* x = logits + row * row_stride;
   Online acc{-INFINITY, 0.f, 0.f};
   int has_nan = 0;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float z = __fdiv_rn(static_cast<float>(x[j]), temperature);
+  auto take = [&](scalar_t raw) {
+    const float z = __fdiv_rn(static_cast<float>(raw), temperature);
     has_nan |= isnan(z);
     if (!isnan(z)) acc = push(acc, z);
+  };
+  const RowSplit sp = split_row<scalar_t>(x, x, V);
+  const int64_t body_end = sp.head + sp.n_vec * kN;
+  for (int64_t j = threadIdx.x; j < sp.head; j += kThreads) take(x[j]);
+  const Vec16<scalar_t>* xv = reinterpret_cast<const Vec16<scalar_t>*>(x + sp.head);
+  for (int64_t k = threadIdx.x; k < sp.n_vec; k += kThreads) {
+    const Vec16<scalar_t> v = xv[k];  // one 16-byte load
+#pragma unroll
+    for (int i = 0; i < kN; ++i) take(v.v[i]);
   }
+  for (int64_t j = body_end + threadIdx.x; j < V; j += kThreads) take(x[j]);
   __shared__ float sm[kThreads / kWarp], ss[kThreads / kWarp], st[kThreads / kWarp];
   acc = warp_merge(acc);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -128,13 +169,28 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(
   // no finite max (a NaN row, or no finite logit): the whole row's gradient is NaN, as in the reference
   const float poison = (!isfinite(m) || isnan(log_s) || isnan(base)) ? NAN : 0.f;
   const int64_t id = ids[row];
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float d = __fdiv_rn(static_cast<float>(x[j]), temperature) - m;
+  auto grad_of = [&](scalar_t raw, int64_t j) {
+    const float d = __fdiv_rn(static_cast<float>(raw), temperature) - m;
     const float p = expf(d - log_s);
     float dz = p > 0.f ? p * (base - g_ent * d) : 0.f;  // masked entries: 0, not 0 * inf
     if (j == id) dz += g_logp;
-    g[j] = static_cast<scalar_t>(__fdiv_rn(dz + poison, temperature));
+    return static_cast<scalar_t>(__fdiv_rn(dz + poison, temperature));
+  };
+  constexpr int kN = Vec16<scalar_t>::kN;
+  const RowSplit sp = split_row<scalar_t>(x, g, V);  // g at the same offset mod 16 (in place: g == x)
+  const int64_t body_end = sp.head + sp.n_vec * kN;
+  for (int64_t j = threadIdx.x; j < sp.head; j += kThreads) g[j] = grad_of(x[j], j);
+  const Vec16<scalar_t>* xv = reinterpret_cast<const Vec16<scalar_t>*>(x + sp.head);
+  Vec16<scalar_t>* gv = reinterpret_cast<Vec16<scalar_t>*>(g + sp.head);
+  for (int64_t k = threadIdx.x; k < sp.n_vec; k += kThreads) {
+    const Vec16<scalar_t> v = xv[k];  // read whole before written: safe in place
+    Vec16<scalar_t> out;
+    const int64_t j0 = sp.head + k * kN;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) out.v[i] = grad_of(v.v[i], j0 + i);
+    gv[k] = out;  // one 16-byte store
   }
+  for (int64_t j = body_end + threadIdx.x; j < V; j += kThreads) g[j] = grad_of(x[j], j);
 }
 
 // The shared checks (token_logprobs_checks.h), and rows that fit one grid.
