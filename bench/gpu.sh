@@ -136,6 +136,7 @@ PYEOF
 
 ENGINE_TESTS=$(ls tests/test_token_logprobs.py tests/test_linear_token_logprobs.py tests/test_grpo_loss.py \
   tests/test_group_advantages.py tests/test_patch_embed.py tests/test_patchify.py tests/test_patchify_embed.py \
+  tests/test_extreme_grid.py tests/test_grpo_loss_extremes.py \
   tests/test_patching.py 2>/dev/null)
 run_tests() {
   # -v: one line per test, so per-backend counts survive a kill; --maxfail bounds a broken build's time
