@@ -14,7 +14,8 @@ import sys
 import torch
 
 from pebr.cli import add_fields, check_device
-from pebr.config import SamplingConfig
+from pebr.config import PRESETS, SamplingConfig
+from pebr.config import preset as config_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, SamplingConfig, shown=SamplingConfig(num_items=128), aliases={"k": ["-k"]},
                only=("num_items", "seed", "k", "temperature", "top_p", "batch_prompts"))
     p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens (default: 96)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="take the sampling settings pebr.train uses under this preset (k, items, temperature, top-p, "
+                        "batch, seed, max new tokens) for every flag not given: `--preset tiny` reproduces the "
+                        "sampling a default `pebr.train --stage 1` cached (default: none, the flags' defaults above)")
     p.add_argument("--output-dir", default="runs",
                    help="the run folder OUT, as for pebr.train: the result goes to OUT/sampling (a path that ends in "
                         "'sampling' is taken as that folder itself) (default: runs)")
@@ -38,8 +43,25 @@ def sampling_folder(output_dir: str) -> str:
     return output_dir if os.path.basename(os.path.normpath(output_dir)) == "sampling" else os.path.join(output_dir, "sampling")
 
 
+def apply_preset(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """args with every sampling flag not on the command line taken from `--preset`'s stage-1 config."""
+    if not args.preset:
+        return args
+    cfg = config_preset(args.preset, 1)
+    values = {"num_items": cfg.sampling.num_items, "seed": cfg.sampling.seed, "k": cfg.sampling.k,
+              "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+              "batch_prompts": cfg.sampling.batch_prompts, "max_new_tokens": cfg.max_new_tokens}
+    flags = {"num_items": ["--num-items"], "seed": ["--seed"], "k": ["-k", "--k"], "temperature": ["--temperature"],
+             "top_p": ["--top-p"], "batch_prompts": ["--batch-prompts"], "max_new_tokens": ["--max-new-tokens"]}
+    for dest, value in values.items():
+        if not any(a == f or a.startswith(f + "=") for a in argv for f in flags[dest]):
+            setattr(args, dest, value)
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = apply_preset(build_parser().parse_args(argv), argv)
     from pebr import tasks
     from pebr.checkpoint import find_latest, resolve_model_path
     from pebr.policy import load_policy

@@ -218,3 +218,16 @@ def test_inconsistent_values_fail_with_the_fields_named():
 def test_scale_out_fields_default_off():
     for cfg in (C.TrainConfig(), C.preset("tiny", 1), C.preset("paper", 2)):
         assert (cfg.dist_backend, cfg.cpu_offload, cfg.gradient_checkpointing) == ("auto", False, False)
+
+
+def test_sample_preset_takes_the_trainers_sampling_settings():
+    """`pebr.sample --preset tiny` samples as a default `pebr.train --stage 1` does (its cache's settings);
+    flags given on the command line still win; without --preset the defaults stay what they were."""
+    cfg = C.preset("tiny", 1)
+    argv = ["--preset", "tiny", "--seed", "5"]
+    args = pebr_sample.apply_preset(pebr_sample.build_parser().parse_args(argv), argv)
+    assert (args.temperature, args.top_p, args.num_items, args.k, args.max_new_tokens) == (
+        cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.num_items, cfg.sampling.k, cfg.max_new_tokens)
+    assert args.seed == 5
+    plain = pebr_sample.apply_preset(pebr_sample.build_parser().parse_args([]), [])
+    assert (plain.temperature, plain.top_p) == (1.2, 0.99)
