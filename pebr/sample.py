@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, SamplingConfig, shown=SamplingConfig(num_items=128), aliases={"k": ["-k"]},
                only=("num_items", "seed", "k", "temperature", "top_p", "batch_prompts"))
     p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens (default: 96)")
+    p.add_argument("--rollout-seed", type=int, default=None,
+                   help="seed of the rollouts' random draws (default: --seed; pebr.train seeds them with its own "
+                        "--seed, which --preset takes)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="take the sampling settings pebr.train uses under this preset (k, items, temperature, top-p, "
                         "batch, seed, max new tokens) for every flag not given: `--preset tiny` reproduces the "
@@ -53,6 +56,8 @@ def apply_preset(args: argparse.Namespace, argv: list[str]) -> argparse.Namespac
               "batch_prompts": cfg.sampling.batch_prompts, "max_new_tokens": cfg.max_new_tokens}
     flags = {"num_items": ["--num-items"], "seed": ["--seed"], "k": ["-k", "--k"], "temperature": ["--temperature"],
              "top_p": ["--top-p"], "batch_prompts": ["--batch-prompts"], "max_new_tokens": ["--max-new-tokens"]}
+    values["rollout_seed"] = cfg.seed  # pebr.train draws its sampling rollouts under the run's seed
+    flags["rollout_seed"] = ["--rollout-seed"]
     for dest, value in values.items():
         if not any(a == f or a.startswith(f + "=") for a in argv for f in flags[dest]):
             setattr(args, dest, value)
@@ -98,7 +103,8 @@ def main(argv=None) -> int:
     from pebr.run_lock import hold
 
     world = init_world(device=args.device)
-    seed_all(args.seed, world.rank)
+    rollout_seed = args.seed if args.rollout_seed is None else args.rollout_seed
+    seed_all(rollout_seed, world.rank)
     policy = load_policy(model, device=world.device)
     # the folder is the trainer's sampling cache too: one writer at a time (pebr/run_lock.py)
     with hold(folder, world, log=lambda m: print(m, file=sys.stderr)):
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
             write_sampling(result, folder, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k,
                                                  "num_items": len(items), "temperature": args.temperature,
                                                  "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                                                 "seed": args.seed})
+                                                 "seed": rollout_seed})
     world.close()
     if not world.is_main:
         return 0

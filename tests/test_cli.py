@@ -228,6 +228,6 @@ def test_sample_preset_takes_the_trainers_sampling_settings():
     args = pebr_sample.apply_preset(pebr_sample.build_parser().parse_args(argv), argv)
     assert (args.temperature, args.top_p, args.num_items, args.k, args.max_new_tokens) == (
         cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.num_items, cfg.sampling.k, cfg.max_new_tokens)
-    assert args.seed == 5
+    assert args.seed == 5 and args.rollout_seed == cfg.seed  # pool seed given; draws under the run's seed
     plain = pebr_sample.apply_preset(pebr_sample.build_parser().parse_args([]), [])
     assert (plain.temperature, plain.top_p) == (1.2, 0.99)

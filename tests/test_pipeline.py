@@ -232,3 +232,18 @@ def test_sample_writes_the_cache_train_reuses_only_when_settings_match(out, tmp_
     before = (run / "sampling" / "rollouts.jsonl").read_text()
     got = ensure_sampling(cfg, model, items)  # same settings: reused as is
     assert got["meta"]["seed"] == cfg.sampling.seed and (run / "sampling" / "rollouts.jsonl").read_text() == before
+
+
+def test_sample_with_the_preset_draws_what_training_drew(out, tmp_path):
+    """`pebr.sample --preset tiny` (pool seed, run seed, temperature, top-p, budget from the preset) writes
+    the rollouts a default stage-1 run's sampling writes, token for token (a fresh-clone walkthrough
+    found the paper-default pebr.sample splitting 80/48 where training had 88/40)."""
+    from pebr.stages import ensure_sampling, load_items
+
+    cfg = _sampling_cfg(tmp_path / "train", max_new_tokens=C.preset("tiny", 1).max_new_tokens)
+    model = Checkpointer(out / "stage0" / "checkpoints").latest()
+    ensure_sampling(cfg, model, load_items(cfg, purpose="rl"))
+    pebr_sample.main(["--preset", "tiny", "--model", str(model), "--output-dir", str(tmp_path / "cli"),
+                      "--num-items", str(cfg.sampling.num_items), "-k", str(cfg.sampling.k)])
+    trained = (tmp_path / "train" / "sampling" / "rollouts.jsonl").read_text()
+    assert (tmp_path / "cli" / "sampling" / "rollouts.jsonl").read_text() == trained and trained
