@@ -67,6 +67,13 @@ def test_cpu_paths_match_fp64_and_each_other(monkeypatch, kl_type, dtype):
                 if name == "dlogp":
                     eps = torch.finfo(dtype).eps
                     tol = dict(rtol=eps if dtype != torch.float32 else 4 * eps, atol=4 * 1.2e-7 * float(b.abs().max()))
+                elif name == "loss" and loss_agg == "seq-mean-token-sum":
+                    # each row's loss sums its T = 2100 per-token terms, in another order on each path: fp32
+                    # rounding bounded by T * eps * max|term| (|term| <= |A| * max(1 + clip_high, dual_clip)
+                    # + kl_coef * max|kl|, the k3 KL clamped to 10). Seen: 3.0e-5 on a loss of 2.24 (fp16, k1),
+                    # beyond the 1e-5 relative bound of the mean aggregations.
+                    term = float(adv.abs().max()) * max(1.3, dual_clip or 0.0) + 0.1 * (10.0 + float((logp - ref).abs().max()))
+                    tol = dict(rtol=1e-5, atol=2100 * 1.2e-7 * term)
                 else:
                     tol = dict(rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{path} vs scalar, {name}: {m}")
