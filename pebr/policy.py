@@ -269,7 +269,7 @@ def build_tiny_policy(*, seed: int = 0, size: TinySize = TinySize(), corpus=None
 
 def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
     """A Qwen2-VL / Qwen2.5-VL HF folder (config.json, safetensors, tokenizer files) -> Policy."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -282,7 +282,15 @@ def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
     else:
         raise ValueError(f"model at {path!r} is a {cfg.model_type!r}; a Qwen2-VL or Qwen2.5-VL model is expected")
     model = cls.from_pretrained(path, dtype=dtype).to(device)
-    tok = AutoTokenizer.from_pretrained(path)
+    return Policy(model=use_engine_kernels(model), tokenizer=load_tokenizer(path), images=ImageEncoder.from_folder(path))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of HF folder `path` as the trainer uses it: left padding, a pad token, and our
+    chat template where the folder has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.fspath(path))
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = "<|endoftext|>"
@@ -290,7 +298,7 @@ def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
         from pebr.tokenizer import CHAT_TEMPLATE
 
         tok.chat_template = CHAT_TEMPLATE
-    return Policy(model=use_engine_kernels(model), tokenizer=tok, images=ImageEncoder.from_folder(path))
+    return tok
 
 
 def use_engine_kernels(model):

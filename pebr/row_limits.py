@@ -99,19 +99,14 @@ def drop_overlong(items: list, policy, *, max_new_tokens: int, reference: bool =
 def text_only_policy(path: str | os.PathLike):
     """The Policy at HF folder `path` without its weights (config, tokenizer, preprocessor): what
     `drop_overlong` needs, for a stage that loads the full model only later. The tokenizer is set
-    up as `pebr.policy.load_policy` sets it up."""
-    from transformers import AutoConfig, AutoTokenizer
+    up as `pebr.policy.load_policy` sets it up (`load_tokenizer`)."""
+    from transformers import AutoConfig
 
     from pebr.images import ImageEncoder
-    from pebr.policy import Policy
+    from pebr.policy import Policy, load_tokenizer
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.chat_template is None:
-        from pebr.tokenizer import CHAT_TEMPLATE
-
-        tok.chat_template = CHAT_TEMPLATE
     model = types.SimpleNamespace(config=AutoConfig.from_pretrained(path))
-    return Policy(model=model, tokenizer=tok, images=ImageEncoder.from_folder(path))
+    return Policy(model=model, tokenizer=load_tokenizer(path), images=ImageEncoder.from_folder(path))
