@@ -14,6 +14,7 @@ from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
 from pebr.policy import Policy, build_tiny_policy
 from pebr.rollout import HFRollout, generate_rollouts
 from pebr.tasks import generate_items
+from tests.tiny_models import tiny_qwen2_vl_policy
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +25,7 @@ def qwen25():
 @pytest.fixture(scope="module")
 def qwen2(qwen25):
     """A tiny Qwen2-VL (not 2.5) with the tiny policy's tokenizer and special ids."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    c = qwen25.model.config
-    text = c.text_config
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=text.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=None, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64),
-        image_token_id=c.image_token_id, video_token_id=c.video_token_id,
-        vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
-    )
-    torch.manual_seed(13)
-    return Policy(model=Qwen2VLForConditionalGeneration(cfg), tokenizer=qwen25.tokenizer, images=qwen25.images)
+    return tiny_qwen2_vl_policy(qwen25, seed=13)
 
 
 def _items(prompts: int, seed: int) -> list:

@@ -12,6 +12,7 @@ from pebr.logprobs import image_features, response_logprobs
 from pebr.policy import Policy, build_tiny_policy
 from pebr.shared_prefix import shared_prefix_logprobs, supports
 from pebr.tasks import generate_items
+from tests.tiny_models import tiny_qwen2_vl_policy
 
 
 @pytest.fixture(scope="module")
@@ -19,28 +20,9 @@ def qwen25():
     return build_tiny_policy(seed=3)
 
 
-def _qwen2_vl(like: Policy) -> Policy:
-    """A tiny Qwen2-VL (not 2.5) with the tiny policy's tokenizer and special ids."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    c = like.model.config
-    text = c.text_config
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=text.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=None, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64),
-        image_token_id=c.image_token_id, video_token_id=c.video_token_id,
-        vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
-    )
-    torch.manual_seed(11)
-    return Policy(model=Qwen2VLForConditionalGeneration(cfg), tokenizer=like.tokenizer, images=like.images)
-
-
 @pytest.fixture(scope="module")
 def qwen2(qwen25):
-    return _qwen2_vl(qwen25)
+    return tiny_qwen2_vl_policy(qwen25, seed=11)
 
 
 def _inputs(policy: Policy, *, prompts: int, n: int, width: int, seed: int):
