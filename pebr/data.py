@@ -461,3 +461,12 @@ def save_records(items: list[TaskItem], path: str) -> str:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def load_records_or_exit(path: str) -> LoadResult:
+    """`load_records` for a command line: a missing, unreadable or non-record file ends the program
+    with one `error: ...` line instead of a traceback."""
+    try:
+        return load_records(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")

@@ -263,12 +263,9 @@ def main(argv=None) -> int:
     source = "data" if args.data else args.kind
     if models:
         if args.data:
-            from pebr.data import load_records
+            from pebr.data import load_records_or_exit
 
-            try:
-                res = load_records(args.data)
-            except (OSError, ValueError) as exc:  # a missing, unreadable or non-record file: one line
-                raise SystemExit(f"error: {exc}")
+            res = load_records_or_exit(args.data)
             print(res.summary(), file=sys.stderr)
             items = res.items
         else:

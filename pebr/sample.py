@@ -86,12 +86,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     if args.data:
-        from pebr.data import load_records
+        from pebr.data import load_records_or_exit
 
-        try:
-            res = load_records(args.data)
-        except (OSError, ValueError) as exc:  # a missing, unreadable or non-record file: one line
-            raise SystemExit(f"error: {exc}")
+        res = load_records_or_exit(args.data)
         print(res.summary(), file=sys.stderr)
         items = res.items
     else:

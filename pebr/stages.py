@@ -73,12 +73,9 @@ def load_items(cfg, *, purpose: str) -> list:
     from pebr import tasks
 
     if cfg.data:
-        from pebr.data import load_records
+        from pebr.data import load_records_or_exit
 
-        try:
-            res = load_records(cfg.data)
-        except (OSError, ValueError) as exc:  # missing, unreadable or not a record file: one line
-            raise SystemExit(f"error: {exc}")
+        res = load_records_or_exit(cfg.data)
         log.info(f"data {cfg.data}: {res.summary()}")
         for row, why in res.skipped:
             log.info(f"  skipped row {row}: {why}")
