@@ -28,8 +28,12 @@ FLAGS = list(itertools.product((3.0, None), (True, False), (True, False), (False
 # - dlogp is one elementwise expression per token, computed in fp32 (about 6 roundings: exp, the
 #   products with A, the row weight, the mask and upstream, the KL term) and stored in logp's dtype.
 #   fp32: k = 8 (measured <= 2.3). bf16/fp16: one final rounding, at most half an ulp of the entry,
-#   dwarfs the fp32 part: k = 1 (measured <= 0.46). The scale is max |dlogp| itself: entries are
-#   about 1/(number of tokens), so the tolerance's default floor of 1 would accept any gradient.
+#   dwarfs the fp32 part: k = 1 (measured <= 0.46). The scale is the larger of max |dlogp| (what the
+#   final rounding is relative to) and max over tokens of the |terms| that entry sums (what the fp32
+#   part is relative to): a clipped token's gradient is the KL part alone, kl_coef * (1 - exp(ref - logp)),
+#   which cancels to ~1e-11 when ref ~ logp, and 8 eps of that tiny entry failed the reference and
+#   every kernel alike on 40 of 3,000 random 1x1 draws. Entries are about 1/(number of tokens), so the
+#   tolerance's default floor of 1 would accept any gradient: neither scale has that floor.
 K_SUM = 16
 K_GRAD = {torch.float32: 8, torch.bfloat16: 1, torch.float16: 1}
 
@@ -38,7 +42,8 @@ def _fp64(logp, adv, mask, *, old_logp=None, ref_logp=None, clip_low=0.2, clip_h
           kl_type="low_var_kl", loss_agg="token-mean"):
     """The contract's formulas in fp64, written independently of engine.reference ->
     (loss, metrics, scales): scales[name] is that output's aggregate over |terms| (the magnitude its
-    rounding error is relative to)."""
+    rounding error is relative to); scales["dlogp"] is the largest per-token sum of |terms| of
+    d loss / d logp (for an upstream gradient of 1)."""
     lp = logp.double()
     old = lp.detach() if old_logp is None else old_logp.double()
     a = adv.double() if adv.dim() == 2 else adv.double()[:, None].expand_as(lp)
@@ -68,20 +73,29 @@ def _fp64(logp, adv, mask, *, old_logp=None, ref_logp=None, clip_low=0.2, clip_h
 
     loss = agg(pg)
     loss_mag = agg(pg.detach().abs())
+    # d agg(v) / d v: the weight each token's term gets (agg is linear in v)
+    probe = torch.zeros_like(lp, requires_grad=True)
+    (token_weight,) = torch.autograd.grad(agg(probe), probe) if lp.numel() else (torch.zeros_like(lp),)
+    grad_terms = a.abs() * ratio.detach()  # the policy term's magnitude, clipped or not (an upper bound)
     kl = torch.zeros_like(lp)
     if ref_logp is not None:
         ref = ref_logp.double()
         if kl_type == "low_var_kl":
             d = torch.clamp(ref - lp, -20, 20)
             kl = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+            kl_terms = torch.exp(d.detach()) + 1  # d/dlogp = 1 - exp(d)
         elif kl_type == "kl":
             kl = lp - ref
+            kl_terms = torch.ones_like(lp)
         elif kl_type == "abs":
             kl = (lp - ref).abs()
+            kl_terms = torch.ones_like(lp)
         else:
             kl = 0.5 * (lp - ref) ** 2
+            kl_terms = lp.detach().abs() + ref.abs()  # d/dlogp = logp - ref
         loss = loss + kl_coef * agg(kl)
         loss_mag = loss_mag + abs(kl_coef) * agg(kl.detach().abs())
+        grad_terms = grad_terms + abs(kl_coef) * kl_terms
     n = m.sum()
 
     def tmean(v):
@@ -91,6 +105,7 @@ def _fp64(logp, adv, mask, *, old_logp=None, ref_logp=None, clip_low=0.2, clip_h
     metrics = {"clipfrac_high": tmean(hi), "clipfrac_low": tmean(lo), "ppo_kl": tmean(ppo), "kl": tmean(kl)}
     scales = {name: max(1.0, float(tmean(v.abs()))) for name, v in zip(METRICS, (hi, lo, ppo, kl))}
     scales["loss"] = max(1.0, float(loss_mag))
+    scales["dlogp"] = float((token_weight.abs() * grad_terms).max()) if lp.numel() else 0.0
     return loss, metrics, scales
 
 
@@ -132,7 +147,9 @@ def _check_all(backend, logp, adv, mask, old, ref, **kw):
         assert metrics[name].dtype == torch.float32 and metrics[name].shape == () and not metrics[name].requires_grad
         assert_matches_fp64(name, metrics[name], m64[name], dtype=torch.float32, k=K_SUM, scale=scales[name],
                             torch_out=t_metrics[name])
-    g_scale = float(g64.abs().max()) if g64.numel() else 0.0
+    g_scale = max(float(g64.abs().max()), scales["dlogp"] * abs(float(upstream))) if g64.numel() else 0.0
+    # fp16 entries ~1e-5 are subnormal: their spacing is fixed (2**-24), not relative to the entry
+    g_scale = max(g_scale, torch.finfo(grad.dtype).smallest_normal)
     assert_matches_fp64("dlogp", grad, g64, dtype=grad.dtype, k=K_GRAD[grad.dtype], scale=g_scale, torch_out=t_grad)
 
 
