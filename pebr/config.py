@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pebr.scenes import DIFFICULTIES
+
+DIFFICULTY_LEVELS = tuple(DIFFICULTIES)
 STAGES = (0, 1, 2)
 STAGE_NAMES = {0: "warm-up SFT", 1: "perception GRPO", 2: "reasoning GRPO"}
 
@@ -66,6 +69,8 @@ class EvalConfig:
 
     num_items: int = opt(120, "procedural items (without --data)")
     kind: str = opt("mixed", "procedural item kind", choices=("mixed", "perception", "reasoning"))
+    difficulty: str = opt("standard", "procedural items: objects per scene and colours (evaluate at the level trained on)",
+                          choices=DIFFICULTY_LEVELS)
     seed: int = opt(999, "procedural item seed: keep it apart from the training pools (SFT 2, sampling 1)")
     temperature: float = opt(0.0, "sampling temperature (0: greedy)")
     max_new_tokens: int = opt(96, "response budget in tokens")
@@ -82,6 +87,8 @@ class TrainConfig:
     preset: str = opt("tiny", "tiny: sized for a 2-core CPU; paper: the paper's values (Qwen2.5-VL-7B on GPUs); see docs/recipe.md")
     model: str | None = opt(None, "HF folder (safetensors) to start from, or a stage folder (OUT/stageK) or checkpoints folder: its latest checkpoint; none: the previous stage's output, or the built-in tiny policy for stage 0")
     data: str | None = opt(None, "JSON/JSONL/parquet records (images, problem, answer, key_words); none: built-in procedural tasks")
+    difficulty: str = opt("standard", "built-in tasks: objects per scene and colours (pebr/scenes.py DIFFICULTIES; ignored with --data)",
+                          choices=DIFFICULTY_LEVELS)
     output_dir: str = opt("runs", "stage k writes OUT/stage{k}; sampling is cached in OUT/sampling")
     seed: int = opt(0, "seed of model init, data order and sampling")
     max_steps: int | None = opt(None, "optimizer steps of this stage; none: the epochs below (a warm-up run first "

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF folder, stage folder (OUT/stageK: its latest checkpoint), checkpoints folder or its "
                         "`latest` file; give it several times to compare checkpoints on the same items")
     p.add_argument("--data", default=None, help="JSON/JSONL/parquet records (default: held-out procedural items)")
-    add_fields(p, EvalConfig, only=("num_items", "kind", "seed", "temperature", "max_new_tokens"))
+    add_fields(p, EvalConfig, only=("num_items", "kind", "difficulty", "seed", "temperature", "max_new_tokens"))
     p.add_argument("--output", default=None, help="responses JSONL (default: OUT/eval/<model path>_<kind>.jsonl); "
                                                   "the summary goes beside it (<stem>.summary.json, <stem>.md)")
     p.add_argument("--output-dir", default="runs", help="the run folder OUT, as for pebr.train (default: runs)")
@@ -269,13 +269,13 @@ def main(argv=None) -> int:
             print(res.summary(), file=sys.stderr)
             items = res.items
         else:
-            items = tasks.generate_items(args.num_items, seed=args.seed, kind=args.kind)
+            items = tasks.generate_items(args.num_items, seed=args.seed, kind=args.kind, difficulty=args.difficulty)
         if not items:
             raise SystemExit("error: no items to evaluate")
         ids = "\n".join(it.id for it in items)
         items_info = {"source": args.data or "procedural", "n": len(items),
                       "ids_digest": hashlib.sha1(ids.encode()).hexdigest()[:16],
-                      **({} if args.data else {"kind": args.kind, "seed": args.seed})}
+                      **({} if args.data else {"kind": args.kind, "seed": args.seed, "difficulty": args.difficulty})}
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

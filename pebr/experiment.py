@@ -123,7 +123,7 @@ class CurriculumConfig:
 
 
 # TrainConfig fields the command line may override, for every stage alike (flags as in pebr.train).
-_TRAIN_FLAGS = ("group_size", "rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "lr", "kl_coef",
+_TRAIN_FLAGS = ("difficulty", "group_size", "rollout_batch", "mini_batch", "micro_batch", "max_new_tokens", "lr", "kl_coef",
                 "temperature", "min_split_items", "clip_model", "dtype", "save_every", "log_every", "progress")
 _SFT_FLAGS = ("num_items", "epochs", "batch_size")
 _SAMPLING_FLAGS = ("num_items", "k")
@@ -212,12 +212,14 @@ def held_out_items(cc: CurriculumConfig, sft_cfg, pool: list) -> tuple[list, dic
     from pebr import tasks
 
     check_eval_seed(cc, sft_cfg)
-    seen = {_content(it) for it in tasks.generate_items(sft_cfg.sft.num_items, seed=stages.SFT_SEED, kind="mixed")}
+    level = sft_cfg.difficulty
+    seen = {_content(it) for it in tasks.generate_items(sft_cfg.sft.num_items, seed=stages.SFT_SEED, kind="mixed",
+                                                        difficulty=level)}
     seen |= {_content(it) for it in pool}
-    drawn = tasks.generate_items(cc.eval_items, seed=cc.eval_seed, kind="mixed")
+    drawn = tasks.generate_items(cc.eval_items, seed=cc.eval_seed, kind="mixed", difficulty=level)
     items = [it for it in drawn if _content(it) not in seen]
     ids = "\n".join(it.id for it in items)
-    info = {"source": "procedural", "kind": "mixed", "seed": cc.eval_seed, "drawn": len(drawn), "n": len(items),
+    info = {"source": "procedural", "kind": "mixed", "seed": cc.eval_seed, "difficulty": level, "drawn": len(drawn), "n": len(items),
             "dropped_equal_to_training_items": len(drawn) - len(items),
             "ids_digest": hashlib.sha1(ids.encode()).hexdigest()[:16]}
     if not items:

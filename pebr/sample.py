@@ -14,7 +14,7 @@ import sys
 import torch
 
 from pebr.cli import add_fields, check_device
-from pebr.config import PRESETS, SamplingConfig
+from pebr.config import DIFFICULTY_LEVELS, PRESETS, SamplingConfig
 from pebr.config import preset as config_preset
 
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, SamplingConfig, shown=SamplingConfig(num_items=128), aliases={"k": ["-k"]},
                only=("num_items", "seed", "k", "temperature", "top_p", "batch_prompts"))
     p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens (default: 96)")
+    p.add_argument("--difficulty", default="standard", choices=DIFFICULTY_LEVELS,
+                   help="built-in items: objects per scene and colours, as pebr.train --difficulty (default: standard)")
     p.add_argument("--rollout-seed", type=int, default=None,
                    help="seed of the rollouts' random draws (default: --seed; pebr.train seeds them with its own "
                         "--seed, which --preset takes)")
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         print(res.summary(), file=sys.stderr)
         items = res.items
     else:
-        items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed")
+        items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed", difficulty=args.difficulty)
     if not items:
         raise SystemExit("error: no items to sample")
     from pebr.distributed import init_world, seed_all

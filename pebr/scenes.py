@@ -129,20 +129,72 @@ def _jitter(rng: random.Random) -> float:
     return round(rng.uniform(-_JITTER, _JITTER), 4)
 
 
-def random_scene(rng: random.Random, *, kind: str, n_objects: int | None = None) -> Scene:
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the built-in scenes are to see: the knob that sizes the procedural world to a policy.
+
+    shapes / digits / bars: (fewest, most) objects of a scene of that kind. Reasoning tasks that
+    compare several objects ask for at least 2 (3 for colour counts) whatever the range.
+    colours: how many of COLOURS scenes use (the first ones; at least 3, so that a colour question
+    has wrong answers).
+    """
+
+    shapes: tuple[int, int] = (2, 6)
+    digits: tuple[int, int] = (2, 4)
+    bars: tuple[int, int] = (2, 4)
+    colours: int = len(COLOURS)
+
+    def __post_init__(self):
+        if not 3 <= self.colours <= len(COLOURS):
+            raise ValueError(f"difficulty colours: expected 3..{len(COLOURS)}, got {self.colours}")
+        for kind in KINDS:
+            lo, hi = getattr(self, kind)
+            most = GRID * GRID if kind != "bars" else self.colours
+            if not 1 <= lo <= hi <= most:
+                raise ValueError(f"difficulty {kind}: expected 1 <= fewest <= most <= {most}, got ({lo}, {hi})")
+
+    def objects(self, kind: str) -> tuple[int, int]:
+        return getattr(self, kind)
+
+    def palette(self) -> list[str]:
+        return list(COLOURS)[: self.colours]
+
+
+# Named levels (`--difficulty`). "standard" is the world every figure before 2026-11-30 was
+# measured on; "simple" halves the clutter (docs/recipe.md, "The built-in default", says what it
+# does to the warm-up policy's splits).
+DIFFICULTIES: dict[str, Difficulty] = {
+    "standard": Difficulty(),
+    "simple": Difficulty(shapes=(1, 3), digits=(1, 2), bars=(2, 3), colours=4),
+}
+
+
+def difficulty_of(level: "str | Difficulty") -> Difficulty:
+    """A Difficulty from its name (DIFFICULTIES) or itself."""
+    if isinstance(level, Difficulty):
+        return level
+    if level not in DIFFICULTIES:
+        raise ValueError(f"difficulty: expected one of {sorted(DIFFICULTIES)}, got {level!r}")
+    return DIFFICULTIES[level]
+
+
+def random_scene(rng: random.Random, *, kind: str, n_objects: int | None = None,
+                 difficulty: "str | Difficulty" = "standard") -> Scene:
     """A random scene of `kind` ("shapes", "digits", "bars").
 
     rng: the only source of randomness (same state -> same scene).
-    n_objects: number of objects/bars; default random in the kind's range
-    (shapes 2-6, digits 2-4, bars 2-4).
+    n_objects: number of objects/bars; default random in the difficulty's range
+    (standard: shapes 2-6, digits 2-4, bars 2-4).
+    difficulty: a Difficulty or its name; its colours are the palette.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    lo, hi = {"shapes": (2, 6), "digits": (2, 4), "bars": (2, 4)}[kind]
+    level = difficulty_of(difficulty)
+    lo, hi = level.objects(kind)
     n = rng.randint(lo, hi) if n_objects is None else int(n_objects)
-    if not 1 <= n <= (GRID * GRID if kind != "bars" else 6):
+    colours = level.palette()
+    if not 1 <= n <= (GRID * GRID if kind != "bars" else len(colours)):
         raise ValueError(f"n_objects: {n} does not fit a {kind} scene")
-    colours = list(COLOURS)
     if kind == "bars":
         return Scene(kind=kind, bars=[Bar(c, rng.randint(1, MAX_BAR_VALUE)) for c in rng.sample(colours, n)])
     objects = []

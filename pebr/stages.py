@@ -83,8 +83,8 @@ def load_items(cfg, *, purpose: str) -> list:
             raise SystemExit(f"error: no usable rows in {cfg.data}")
         return res.items
     if purpose == "sft":
-        return tasks.generate_items(cfg.sft.num_items, seed=SFT_SEED, kind="mixed")
-    return tasks.generate_items(cfg.sampling.num_items, seed=cfg.sampling.seed, kind="mixed")
+        return tasks.generate_items(cfg.sft.num_items, seed=SFT_SEED, kind="mixed", difficulty=cfg.difficulty)
+    return tasks.generate_items(cfg.sampling.num_items, seed=cfg.sampling.seed, kind="mixed", difficulty=cfg.difficulty)
 
 
 def fit_context(items: list, policy, *, max_new_tokens: int, reference: bool = False) -> list:

@@ -21,9 +21,12 @@ from PIL import Image
 
 from pebr import prompts
 from pebr.scenes import (
+    DIFFICULTIES,
+    Difficulty,
     Scene,
     SceneObject,
     describe,
+    difficulty_of,
     horizontal_position,
     key_words,
     random_scene,
@@ -64,7 +67,16 @@ class _Spec:
     steps: list[str]
 
 
-_Generator = Callable[[random.Random], "_Spec | None"]
+_Generator = Callable[[random.Random, Difficulty], "_Spec | None"]
+
+
+def _scene(rng: random.Random, d: Difficulty, kind: str, least: int = 1) -> Scene:
+    """A random scene of `kind` at difficulty `d` with at least `least` objects (a task that
+    compares objects needs several, whatever the difficulty's range)."""
+    lo, hi = d.objects(kind)
+    if lo >= least:
+        return random_scene(rng, kind=kind, difficulty=d)
+    return random_scene(rng, kind=kind, difficulty=d, n_objects=rng.randint(least, max(hi, least)))
 
 
 def _unique(objects: list[SceneObject], key: Callable[[SceneObject], object]) -> list[SceneObject]:
@@ -81,8 +93,8 @@ def _name(obj: SceneObject) -> str:
 # Perception: one fact from the image.
 
 
-def _colour(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="shapes")
+def _colour(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "shapes")
     choices = _unique(scene.objects, lambda o: o.shape)
     if not choices:
         return None
@@ -91,8 +103,8 @@ def _colour(rng: random.Random) -> _Spec | None:
                  f"Find the only {obj.shape} and read its colour.", [f"The {obj.shape} is {obj.colour}."])
 
 
-def _shape(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="shapes")
+def _shape(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "shapes")
     choices = _unique(scene.objects, lambda o: o.colour)
     if not choices:
         return None
@@ -101,15 +113,15 @@ def _shape(rng: random.Random) -> _Spec | None:
                  f"Find the only {obj.colour} object and name its shape.", [f"The {obj.colour} object is a {obj.shape}."])
 
 
-def _count(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="shapes")
+def _count(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "shapes")
     n = len(scene.objects)
     return _Spec(scene, "How many shapes are in the image?", str(n),
                  "Count every shape.", [f"There are {n} shapes."])
 
 
-def _digit(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="digits")
+def _digit(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "digits")
     choices = _unique(scene.objects, _name)
     if not choices:
         return None
@@ -121,8 +133,8 @@ def _digit(rng: random.Random) -> _Spec | None:
     return _Spec(scene, problem, str(obj.digit), "Find the object and read its digit.", [f"{where} is {obj.digit}."])
 
 
-def _position(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="shapes")
+def _position(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "shapes")
     horizontal = rng.random() < 0.5
     choices = [o for o in _unique(scene.objects, _name) if (o.col if horizontal else o.row) != 1]
     if not choices:
@@ -135,8 +147,8 @@ def _position(rng: random.Random) -> _Spec | None:
     return _Spec(scene, problem, answer, f"Locate the {_name(obj)} in the image.", [f"The {_name(obj)} is at the {answer}."])
 
 
-def _bar_value(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="bars")
+def _bar_value(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "bars")
     bar = rng.choice(scene.bars)
     return _Spec(scene, f"What is the value of the {bar.colour} bar?", str(bar.value),
                  "Read the bar's height on the grid.", [f"The {bar.colour} bar reaches {bar.value}."])
@@ -146,24 +158,24 @@ def _bar_value(rng: random.Random) -> _Spec | None:
 # Reasoning: several facts, then arithmetic or a comparison.
 
 
-def _digit_sum(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="digits")
+def _digit_sum(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "digits", least=2)
     digits = scene.digits
     total = sum(digits)
     return _Spec(scene, "What is the sum of all the digits?", str(total), "Read every digit, then add them.",
                  [f"The digits are {', '.join(map(str, digits))}.", f"{' + '.join(map(str, digits))} = {total}."])
 
 
-def _digit_range(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="digits")
+def _digit_range(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "digits", least=2)
     hi, lo = max(scene.digits), min(scene.digits)
     return _Spec(scene, "What is the largest digit minus the smallest digit?", str(hi - lo),
                  "Read every digit, take the largest and the smallest.",
                  [f"The largest digit is {hi}, the smallest is {lo}.", f"{hi} - {lo} = {hi - lo}."])
 
 
-def _bar_diff(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="bars")
+def _bar_diff(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "bars", least=2)
     a, b = rng.sample(scene.bars, 2)
     if a.value == b.value:
         return None
@@ -175,8 +187,8 @@ def _bar_diff(rng: random.Random) -> _Spec | None:
                  [f"The {a.colour} bar is {a.value}, the {b.colour} bar is {b.value}.", f"{a.value} - {b.value} = {d}."])
 
 
-def _bar_max(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="bars")
+def _bar_max(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "bars", least=2)
     values = [b.value for b in scene.bars]
     top = max(values)
     if values.count(top) != 1:
@@ -187,8 +199,8 @@ def _bar_max(rng: random.Random) -> _Spec | None:
                  [f"The bars are {listed}.", f"The highest is {best.colour} with {top}."])
 
 
-def _colour_most(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="shapes", n_objects=rng.randint(3, 6))
+def _colour_most(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "shapes", least=3)
     counts = Counter(o.colour for o in scene.objects).most_common()
     if counts[0][1] < 2 or (len(counts) > 1 and counts[1][1] == counts[0][1]):
         return None
@@ -197,8 +209,8 @@ def _colour_most(rng: random.Random) -> _Spec | None:
                  [f"Counts: {listed}.", f"The most common colour is {counts[0][0]}."])
 
 
-def _count_remove(rng: random.Random) -> _Spec | None:
-    scene = random_scene(rng, kind="shapes", n_objects=rng.randint(3, 6))
+def _count_remove(rng: random.Random, d: Difficulty) -> _Spec | None:
+    scene = _scene(rng, d, "shapes", least=3)
     colour = rng.choice(scene.objects).colour
     total, removed = len(scene.objects), sum(o.colour == colour for o in scene.objects)
     left = total - removed
@@ -244,19 +256,28 @@ def _types_for(kind: str, task_types: list[str] | None) -> list[str]:
     raise ValueError(f"kind: expected one of {ITEM_KINDS}, got {kind!r}")
 
 
-def make_item(seed: int, index: int, task_type: str, *, image_size: int = 112) -> TaskItem:
-    """Item `index` of `seed` for one task type (deterministic in `(seed, index, task_type)`)."""
+def _level_name(level: Difficulty) -> str:
+    return next((name for name, d in DIFFICULTIES.items() if d == level), "custom")
+
+
+def make_item(seed: int, index: int, task_type: str, *, image_size: int = 112,
+              difficulty: "str | Difficulty" = "standard") -> TaskItem:
+    """Item `index` of `seed` for one task type (deterministic in `(seed, index, task_type,
+    difficulty)`). Ids: `s{seed}-{index}` at the standard difficulty, `{level}-s{seed}-{index}`
+    at another (so a sampling cache of one world is never reused for another)."""
+    level = difficulty_of(difficulty)
     rng = random.Random(f"pebr/{seed}/{index}")  # str seeds hash with SHA-512: stable across runs
     generator = TASKS[task_type]
     for _ in range(_MAX_TRIES):
-        spec = generator(rng)
+        spec = generator(rng, level)
         if spec is not None:
             break
     else:  # pragma: no cover - every generator accepts a large share of scenes
         raise RuntimeError(f"{task_type}: no suitable scene in {_MAX_TRIES} tries")
     response = prompts.format_response(describe(spec.scene), spec.rationale, spec.steps, spec.answer)
     return TaskItem(
-        id=f"s{seed}-{index:06d}",
+        id=(f"s{seed}-{index:06d}" if level == DIFFICULTIES["standard"]
+            else f"{_level_name(level)}-s{seed}-{index:06d}"),
         image=render(spec.scene, image_size),
         problem=spec.problem,
         answer=spec.answer,
@@ -269,7 +290,8 @@ def make_item(seed: int, index: int, task_type: str, *, image_size: int = 112) -
 
 
 def generate_items(
-    n: int, *, seed: int, kind: str = "mixed", image_size: int = 112, task_types: list[str] | None = None
+    n: int, *, seed: int, kind: str = "mixed", image_size: int = 112, task_types: list[str] | None = None,
+    difficulty: "str | Difficulty" = "standard",
 ) -> list[TaskItem]:
     """`n` built-in items, deterministic given `seed`.
 
@@ -277,13 +299,15 @@ def generate_items(
     has task type `types[i % len(types)]`, so every type appears once `n >= len(types)`.
     image_size: side of the square images in pixels (a multiple of 28 suits Qwen2.5-VL).
     task_types: restrict to these types (overrides `kind`).
+    difficulty: objects per scene and colours (pebr.scenes.DIFFICULTIES names: standard, simple).
     """
     if int(n) < 0:
         raise ValueError(f"n: expected >= 0, got {n}")
     if int(image_size) < 28:
         raise ValueError(f"image_size: expected >= 28, got {image_size}")
     types = _types_for(kind, task_types)
-    return [make_item(seed, i, types[i % len(types)], image_size=image_size) for i in range(int(n))]
+    level = difficulty_of(difficulty)
+    return [make_item(seed, i, types[i % len(types)], image_size=image_size, difficulty=level) for i in range(int(n))]
 
 
 __all__ = [
