@@ -38,6 +38,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from pebr.kv_cache import preallocate
 from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
 from pebr.policy import Policy, PromptBatch
 from pebr.shared_prefix import supports as shared_prefix_support
@@ -119,15 +120,23 @@ class RolloutEngine(Protocol):
 
 
 class _RecordLogprobs:
-    """A logits processor that keeps the log-probs of the tokens sampled at each step.
+    """A logits processor that keeps the log-probs of the tokens sampled at each step, and (with
+    `sample`) draws the token itself.
 
     At step t it sees the scores of step t and the ids up to step t-1: it gathers the previous
     step's log-softmax at the token just sampled, so it holds one [B, V] tensor at a time, never
     [B, R, V]. `finish(responses)` adds the last step's.
+
+    sample: return log-softmax(scores / T) plus Gumbel noise, so that `generate`'s greedy argmax
+    is a draw from softmax(scores / T) (the Gumbel-max trick). On CPU this replaces
+    `torch.multinomial`, whose exponential draws were 13% of a tiny rollout's time (one
+    `torch.rand` plus two logs cost about a quarter of that); `generate` then also skips its own
+    softmax. Only without top-p (top_p = 1): nucleus filtering stays with `generate`.
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, sample: bool = False):
         self.temperature = temperature if temperature > 0 else 1.0
+        self.sample = sample
         self.prev: torch.Tensor | None = None
         self.out: list[torch.Tensor] = []
 
@@ -135,6 +144,10 @@ class _RecordLogprobs:
         if self.prev is not None:
             self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
         self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.sample:
+            # -log(u) ~ Exp(1); argmax(logp - log(Exp)) ~ softmax(logp). u = 0 gives -inf: never picked.
+            u = torch.rand(self.prev.shape, device=self.prev.device, dtype=self.prev.dtype)
+            return self.prev - torch.log(-torch.log(u))
         return scores
 
     def finish(self, responses: torch.Tensor) -> torch.Tensor:
@@ -168,9 +181,10 @@ class HFRollout:
         policy, n = self.policy, params.n
         rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
         sample = params.temperature > 0
-        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if sample \
-            else dict(do_sample=False)
-        record = _RecordLogprobs(params.temperature)
+        own_sampling = sample and params.top_p >= 1.0  # the processor draws the tokens (Gumbel-max)
+        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
+            if sample and not own_sampling else dict(do_sample=False)
+        record = _RecordLogprobs(params.temperature, sample=own_sampling)
 
         def _generate(model):
             feats = image_features(model, prompt.pixel_values, prompt.image_grid_thw)
@@ -184,7 +198,7 @@ class HFRollout:
                 logits_processor=LogitsProcessorList([record]),
                 **kwargs,
             )
-            shared = self._shared_prefix_inputs(model, prompt, feats, n) if self.shared_prefix else None
+            shared = self._shared_prefix_inputs(model, prompt, feats, n, params.max_new_tokens) if self.shared_prefix else None
             if shared is not None:
                 return model.generate(**shared, **settings)
             return model.generate(
@@ -224,7 +238,7 @@ class HFRollout:
             return "the prompts' last column is padding or an image token (prompts must be left-padded, text last)"
         return None
 
-    def _shared_prefix_inputs(self, model, prompt: PromptBatch, feats, n: int) -> dict | None:
+    def _shared_prefix_inputs(self, model, prompt: PromptBatch, feats, n: int, extra_tokens: int = 0) -> dict | None:
         """The P prompts' first L-1 tokens through the decoder once -> `generate`'s inputs for the
         P*n rows with that cache (repeated n times per prompt); None (the unshared path) when the
         model or the batch cannot take it (the reason logged once)."""
@@ -258,6 +272,9 @@ class HFRollout:
             raise RuntimeError(f"{type(model).__name__} returned no key/value cache for the prompts")
         if n > 1:
             cache.batch_repeat_interleave(n)
+        # decode writes into buffers sized for the whole response instead of torch.cat per step
+        # (pebr/kv_cache.py): the last prompt column plus the response budget
+        preallocate(cache, extra_tokens=1 + extra_tokens)
         rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
         return {
             "input_ids": rep(ids),  # generate runs only the uncached last column (and the responses)
