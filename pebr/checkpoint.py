@@ -541,3 +541,16 @@ class DataOrder:
             out.append(self._order(self.position // self.n)[self.position % self.n])
             self.position += 1
         return out
+
+
+def trained_difficulty(model: str) -> str:
+    """The built-in difficulty `model` (a checkpoint folder) was trained at, from the config its
+    trainer_state.json records; "standard" for a folder without one (an HF model, an older run)."""
+    from pebr.config import DIFFICULTY_LEVELS
+
+    try:
+        with open(os.path.join(model, "trainer_state.json")) as f:
+            level = json.load(f).get("config", {}).get("difficulty", "standard")
+    except (OSError, ValueError, AttributeError):
+        return "standard"
+    return level if level in DIFFICULTY_LEVELS else "standard"

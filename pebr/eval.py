@@ -261,6 +261,12 @@ def main(argv=None) -> int:
         print(f"{skipped} of {len(args.compare)} --compare files skipped", file=sys.stderr)
 
     source = "data" if args.data else args.kind
+    if models and not args.data and args.difficulty is None:
+        from pebr.checkpoint import trained_difficulty
+
+        args.difficulty = trained_difficulty(models[0])
+        print(f"items at difficulty {args.difficulty} (the level {models[0]} was trained at; --difficulty to change)",
+              file=sys.stderr)
     if models:
         if args.data:
             from pebr.data import load_records_or_exit

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, SamplingConfig, shown=SamplingConfig(num_items=128), aliases={"k": ["-k"]},
                only=("num_items", "seed", "k", "temperature", "top_p", "batch_prompts"))
     p.add_argument("--max-new-tokens", type=int, default=96, help="response budget in tokens (default: 96)")
-    p.add_argument("--difficulty", default="standard", choices=DIFFICULTY_LEVELS,
-                   help="built-in items: objects per scene and colours, as pebr.train --difficulty (default: standard)")
+    p.add_argument("--difficulty", default=None, choices=DIFFICULTY_LEVELS,
+                   help="built-in items: objects per scene and colours, as pebr.train --difficulty (default: the level "
+                        "the model was trained at, from its trainer_state.json; standard for a folder without one)")
     p.add_argument("--rollout-seed", type=int, default=None,
                    help="seed of the rollouts' random draws (default: --seed; pebr.train seeds them with its own "
                         "--seed, which --preset takes)")
@@ -94,6 +95,10 @@ def main(argv=None) -> int:
         print(res.summary(), file=sys.stderr)
         items = res.items
     else:
+        if args.difficulty is None:
+            from pebr.checkpoint import trained_difficulty
+
+            args.difficulty = trained_difficulty(model)
         items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed", difficulty=args.difficulty)
     if not items:
         raise SystemExit("error: no items to sample")

@@ -89,10 +89,28 @@ def test_every_entry_point_takes_the_level():
     for purpose in ("sft", "sampling"):
         assert all(it.id.startswith("simple-") for it in stages.load_items(cfg, purpose=purpose))
     assert sample.build_parser().parse_args(["--difficulty", "simple"]).difficulty == "simple"
-    assert sample.build_parser().parse_args([]).difficulty == "standard"
+    assert sample.build_parser().parse_args([]).difficulty is None  # then: the level the model was trained at
     assert pebr_eval.build_parser().parse_args(["--model", "x", "--difficulty", "simple"]).difficulty == "simple"
     with pytest.raises(SystemExit):
         sample.build_parser().parse_args(["--difficulty", "nope"])
     cc = experiment.CurriculumConfig(eval_items=6)
     items, info = experiment.held_out_items(cc, cfg, [])
     assert info["difficulty"] == "simple" and all(it.id.startswith("simple-s999-") for it in items)
+
+
+def test_trained_difficulty_read_from_the_checkpoint(tmp_path):
+    import json
+
+    from pebr.checkpoint import trained_difficulty
+
+    ckpt = tmp_path / "step_0000001"
+    ckpt.mkdir()
+    assert trained_difficulty(str(ckpt)) == "standard"  # an HF folder: no trainer state
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {"difficulty": "simple"}}))
+    assert trained_difficulty(str(ckpt)) == "simple"
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {"stage": 0}}))  # before the knob
+    assert trained_difficulty(str(ckpt)) == "standard"
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": {"difficulty": "no-such-level"}}))
+    assert trained_difficulty(str(ckpt)) == "standard"
+    (ckpt / "trainer_state.json").write_text("{not json")
+    assert trained_difficulty(str(ckpt)) == "standard"
