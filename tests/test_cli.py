@@ -183,7 +183,7 @@ def test_help_shows_the_chosen_presets_defaults(capsys):
     out = _help(["--stage", "1"], capsys)
     assert _help_entry(out, "--rollout-batch").endswith("(default: 16)")
     assert _help_entry(out, "--max-steps").endswith("(default: 150)")
-    assert _help_entry(out, "--sft-epochs").endswith("(default: 8)")
+    assert _help_entry(out, "--sft-epochs").endswith("(default: 24)")
     assert _help_entry(out, "--progress").endswith("(default: True)")
     entry = _help_entry(out, "--kl-coef")
     assert entry.startswith("--kl-coef KL_COEF weight of the KL-to-reference") and entry.endswith("(default: 0.05)")

@@ -226,9 +226,10 @@ def test_sample_writes_the_cache_train_reuses_only_when_settings_match(out, tmp_
     pebr_sample.main([*flags, "--temperature", "1.2"])  # no --model: OUT/stage0's latest
     meta = json.loads(splits_json.read_text())["meta"]
     assert meta["model"] == os.path.abspath(model) and meta["temperature"] == 1.2
-    ensure_sampling(cfg, model, items)  # the run samples at T=1.0: sampled again
-    assert json.loads(splits_json.read_text())["meta"]["temperature"] == cfg.sampling.temperature == 1.0
-    pebr_sample.main([*flags, "--temperature", "1.0"])
+    ensure_sampling(cfg, model, items)  # the run samples at its own T (not 1.2): sampled again
+    assert cfg.sampling.temperature != 1.2
+    assert json.loads(splits_json.read_text())["meta"]["temperature"] == cfg.sampling.temperature
+    pebr_sample.main([*flags, "--temperature", str(cfg.sampling.temperature)])
     before = (run / "sampling" / "rollouts.jsonl").read_text()
     got = ensure_sampling(cfg, model, items)  # same settings: reused as is
     assert got["meta"]["seed"] == cfg.sampling.seed and (run / "sampling" / "rollouts.jsonl").read_text() == before
