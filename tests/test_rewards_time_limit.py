@@ -86,6 +86,17 @@ def test_hard_limit_from_a_thread_kills_and_recovers():
         A._run_limited(abs, (-3,), 0.0)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the memory limit needs /proc (Linux)")
+def test_a_job_cannot_take_the_runs_memory():
+    """A grading job that allocates past GRADER_MEMORY_BYTES fails in the grader (MemoryError,
+    scored as a grading error), and the next job runs normally."""
+    _warm_worker()
+    with pytest.raises(A._GradeError, match="MemoryError"):
+        A._run_limited(bytearray, (A.GRADER_MEMORY_BYTES + (512 << 20),), 60.0)
+    assert A._run_limited(bytearray, (1 << 20,), 60.0) == bytearray(1 << 20)  # a normal job still fits
+    assert A._run_limited(abs, (-4,), 60.0) == 4
+
+
 @pytest.mark.parametrize("expr", [
     "(1/2)-(0.5)", "(x**2+2*x+1)-((x+1)**2)", "(3)-(9**+999)", "((9**30)**30)", "(sqrt(2))-(2**.5)", "(5!)-(120)",
     "(x**y)-(y**x)", "(2*pi)-(6.28)", "(1,2)", "(-3)-(--3)",

@@ -261,6 +261,16 @@ from multiprocessing.connection import Connection
 logging.disable(logging.WARNING)  # pylatexenc logs a warning for every malformed macro
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pipe
 import pebr.rewards.answer
+try:  # a job may use at most GRADER_MEMORY_BYTES more address space than the process holds now
+    import resource
+    with open("/proc/self/statm") as f:
+        held = int(f.read().split()[0]) * resource.getpagesize()
+    limit = held + int(sys.argv[4])
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or limit < hard:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+except (ImportError, OSError, ValueError):  # no /proc (macOS) or no rlimits (Windows): time limit only
+    pass
 jobs, results = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
 results.send("ready")
 while True:
@@ -274,6 +284,10 @@ while True:
         reply = ("raised", type(exc).__name__)
     results.send(reply)
 """
+# What one grading job may allocate beyond what the grader process holds after its imports: a
+# huge expression (sympy expanding a product, a big-integer power) raises MemoryError in the
+# grader, scored 0, instead of taking the training run's memory (Linux: RLIMIT_AS).
+GRADER_MEMORY_BYTES = 2 << 30
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -285,7 +299,8 @@ class _Worker:
         result_r, result_w = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_MAIN, str(job_r), str(result_w), _PACKAGE_PARENT],
+                [sys.executable, "-c", _WORKER_MAIN, str(job_r), str(result_w), _PACKAGE_PARENT,
+                 str(GRADER_MEMORY_BYTES)],
                 pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             )
         except BaseException:
