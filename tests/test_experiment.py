@@ -95,7 +95,7 @@ def test_table_chart_and_json_agree(run):
     held = res["held_out"]
     assert held["seed"] == 999 and held["n"] + held["dropped_equal_to_training_items"] == 8
     records = [json.loads(x) for x in open(out / "a_stage2" / "seed0" / "eval" / "heldout.jsonl")]
-    assert len(records) == held["n"] and all(r["id"].startswith("s999-") for r in records)
+    assert len(records) == held["n"] and all(r["id"].startswith("simple-s999-") for r in records)  # the preset's level
     png = (out / "curriculum.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
