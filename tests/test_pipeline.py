@@ -248,3 +248,24 @@ def test_sample_with_the_preset_draws_what_training_drew(out, tmp_path):
                       "--num-items", str(cfg.sampling.num_items), "-k", str(cfg.sampling.k)])
     trained = (tmp_path / "train" / "sampling" / "rollouts.jsonl").read_text()
     assert (tmp_path / "cli" / "sampling" / "rollouts.jsonl").read_text() == trained and trained
+
+
+def test_sampling_cache_reused_through_a_symlinked_stage0(out, tmp_path):
+    """A run folder whose stage0 links another run's: the same checkpoint, so the cached sampling
+    is reused, not drawn again (the cache compares real paths)."""
+    import shutil
+
+    from pebr.stages import ensure_sampling, load_items
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    os.symlink(out / "stage0", first / "stage0")
+    cfg = _sampling_cfg(first)
+    items = load_items(cfg, purpose="rl")
+    ensure_sampling(cfg, Checkpointer(first / "stage0" / "checkpoints").latest(), items)
+    shutil.copytree(first / "sampling", second / "sampling")
+    os.symlink(first / "stage0", second / "stage0")  # a link to a link
+    cached = (second / "sampling" / "rollouts.jsonl").stat().st_mtime_ns
+    cfg2 = dataclasses.replace(cfg, output_dir=str(second))
+    ensure_sampling(cfg2, Checkpointer(second / "stage0" / "checkpoints").latest(), items)
+    assert (second / "sampling" / "rollouts.jsonl").stat().st_mtime_ns == cached  # reused, not rewritten
