@@ -66,11 +66,20 @@ def test_two_rank_update_equals_one_rank(tmp_path, monkeypatch, loss_agg, filter
         # fp32 sums in another order (the all-reduce): a few ulps of the largest gradient
         err = float((g - two["grads"][name]).abs().max())
         assert err <= 1e-5 * gmax, f"gradient of {name}: {err:.2e} (largest gradient {gmax:.2e})"
+    lr, eps = 1e-3, 1e-8  # the worker's AdamW (tests/dist/update_worker.py), one step, bias-corrected
     for name, w in one["weights"].items():
-        # lr 1e-3: AdamW's first step moves each weight by about lr * sign(g); the same gradients
-        # to a few ulps give the same step to 1% of lr
-        err = float((w - two["weights"][name]).abs().max())
-        assert err <= 1e-5, f"weight {name} after the step: {err:.2e}"
+        err = (w - two["weights"][name]).abs()
+        if name not in one["grads"]:  # no gradient (or a tied name): the same weight to 1% of lr
+            assert float(err.max()) <= 1e-5, f"weight {name} after the step: {float(err.max()):.2e}"
+            continue
+        # AdamW's first step moves a weight by lr * g / (|g| + eps): about lr * sign(g), but where
+        # |g| is near eps a gradient difference of a few ulps of the largest gradient (allowed above)
+        # moves it by up to lr. The weights may differ by what the two runs' recorded gradients
+        # explain, plus rounding; 1% of lr flat failed on such an element (1.1e-5).
+        g1, g2 = one["grads"][name].double(), two["grads"][name].double()
+        explained = lr * (g1 / (g1.abs() + eps) - g2 / (g2.abs() + eps)).abs()
+        excess = float((err.double() - explained).max())
+        assert excess <= 1e-6, f"weight {name} after the step: {excess:.2e} beyond what the gradients explain"
 
 
 def _update_once(tmp_path, cfg, ro, adv, items, name):
