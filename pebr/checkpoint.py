@@ -549,8 +549,7 @@ def trained_difficulty(model: str) -> str:
     from pebr.config import DIFFICULTY_LEVELS
 
     try:
-        with open(os.path.join(model, "trainer_state.json")) as f:
-            level = json.load(f).get("config", {}).get("difficulty", "standard")
-    except (OSError, ValueError, AttributeError):
+        level = load_trainer_state(model).get("config", {}).get("difficulty", "standard")
+    except (OSError, ValueError, AttributeError):  # CheckpointError is a ValueError
         return "standard"
     return level if level in DIFFICULTY_LEVELS else "standard"

@@ -258,9 +258,8 @@ def _ensure_sampling(cfg, init_model: str, items: list, world: World) -> dict:
         cached_ids = set(cached["easy"]) | set(cached["medium"]) | set(cached["hard"])
         differ = [f"{k} {cached_meta.get(k)} (now {meta[k]})" for k in SAMPLING_SETTINGS if cached_meta.get(k) != meta[k]]
         # the same checkpoint reached through a symlink (a run folder linking another's stage0) is the same model
-        same_model = cached_meta.get("model") == meta["model"] or (
-            isinstance(cached_meta.get("model"), str)
-            and os.path.realpath(cached_meta["model"]) == os.path.realpath(meta["model"]))
+        same_model = isinstance(cached_meta.get("model"), str) and \
+            os.path.realpath(cached_meta["model"]) == os.path.realpath(meta["model"])
         if cached_ids != ids:
             why = "its items differ"
         elif cached.get("k") != s.k:

@@ -266,6 +266,7 @@ def make_item(seed: int, index: int, task_type: str, *, image_size: int = 112,
     difficulty)`). Ids: `s{seed}-{index}` at the standard difficulty, `{level}-s{seed}-{index}`
     at another (so a sampling cache of one world is never reused for another)."""
     level = difficulty_of(difficulty)
+    name = _level_name(level)
     rng = random.Random(f"pebr/{seed}/{index}")  # str seeds hash with SHA-512: stable across runs
     generator = TASKS[task_type]
     for _ in range(_MAX_TRIES):
@@ -276,8 +277,7 @@ def make_item(seed: int, index: int, task_type: str, *, image_size: int = 112,
         raise RuntimeError(f"{task_type}: no suitable scene in {_MAX_TRIES} tries")
     response = prompts.format_response(describe(spec.scene), spec.rationale, spec.steps, spec.answer)
     return TaskItem(
-        id=(f"s{seed}-{index:06d}" if level == DIFFICULTIES["standard"]
-            else f"{_level_name(level)}-s{seed}-{index:06d}"),
+        id=f"{'' if name == 'standard' else name + '-'}s{seed}-{index:06d}",
         image=render(spec.scene, image_size),
         problem=spec.problem,
         answer=spec.answer,

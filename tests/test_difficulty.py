@@ -52,7 +52,8 @@ def test_scenes_stay_in_the_levels_ranges(level):
 def test_simple_is_simpler_than_standard():
     def mean_objects(level):
         items = generate_items(240, seed=3, difficulty=level)
-        return sum(len(Scene.from_dict(i.scene).objects or Scene.from_dict(i.scene).bars) for i in items) / len(items)
+        scenes = [Scene.from_dict(i.scene) for i in items]
+        return sum(len(s.objects or s.bars) for s in scenes) / len(items)
     assert mean_objects("simple") < mean_objects("standard") - 1
     assert {it.task_type for it in generate_items(len(TASK_TYPES), seed=0, difficulty="simple")} == set(TASK_TYPES)
 
