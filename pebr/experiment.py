@@ -296,7 +296,7 @@ def train_stage(cfg, spec: Stage, *, sdir: str, init_model: str, items: list, wo
             return {**record, "wall_s": done.get("wall_s"), **{k: v for k, v in done.items() if k != "trained_now"},
                     "final": latest, "trained_now": False}
     t0 = time.perf_counter()
-    stages._setup_logging(sdir, world)
+    stages.setup_logging(sdir, world)
     dtype = getattr(torch, cfg.dtype)
     with hold(sdir, world, log=log.warning):
         seed_all(cfg.seed, world.rank)
@@ -312,7 +312,7 @@ def train_stage(cfg, spec: Stage, *, sdir: str, init_model: str, items: list, wo
             json.dump({**cfg.to_dict(), "experiment": record}, f, indent=1)
         trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items,
                               reward_fn=make_reward_fn(cfg, spec.reward), run_dir=sdir, init_model=init_model,
-                              log=log.info, metrics_log=stages._metrics_log(sdir, fresh=not latest, world=world, cfg=cfg),
+                              log=log.info, metrics_log=stages.open_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg),
                               world=world)
         log.info(f"{record['arm']} seed {cfg.seed} {spec.name}: {trainer.total_steps} steps, {spec.reward} reward, "
                  f"{len(items)} items ({spec.split}), from {init_model}")
@@ -505,7 +505,7 @@ def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> di
     out = cc.output_dir
     world = _world(cc.device)
     os.makedirs(out, exist_ok=True)
-    stages._setup_logging(out, world)
+    stages.setup_logging(out, world)
     with hold(out, world, log=log.warning):  # one experiment per folder
         log.info(f"curriculum ablation: {command}")
         base = stage_config(cc, over, stage=1, seed=0, output_dir=out)
@@ -520,14 +520,14 @@ def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> di
             wdir = os.path.join(out, "warmup")
             reused = stages.latest_policy_path(dataclasses.replace(base, output_dir=wdir), 0) is not None
             warmup = stages.run_sft(stage_config(cc, over, stage=0, seed=0, output_dir=wdir), world)
-            stages._setup_logging(out, world)
+            stages.setup_logging(out, world)
         warmup_rec = {"path": warmup, "reused": reused, "wall_s": time.perf_counter() - t0}
 
         t0 = time.perf_counter()
         pool = stages.fit_context(stages.load_items(base, purpose="rl"), text_only_policy(warmup),
                                   max_new_tokens=base.max_new_tokens)
         splits = stages.ensure_sampling(base, warmup, pool, world)
-        stages._setup_logging(out, world)
+        stages.setup_logging(out, world)
         sampling_rec = {"folder": os.path.join(out, "sampling"), "counts": splits["counts"],
                         "wall_s": time.perf_counter() - t0}
 
@@ -556,7 +556,7 @@ def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> di
                               "command": command}
                     rec = train_stage(cfg, spec, sdir=os.path.join(adir, spec.name), init_model=start, items=items,
                                       world=world, record=record)
-                    stages._setup_logging(out, world)
+                    stages.setup_logging(out, world)
                     recs.append(rec)
                     start = rec["final"]
                 ev = run_eval(start, os.path.join(adir, "eval"))

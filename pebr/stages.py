@@ -31,7 +31,7 @@ log = logging.getLogger("pebr")
 # ---- pieces
 
 
-def _setup_logging(stage_dir: str, world: World | None = None) -> None:
+def setup_logging(stage_dir: str, world: World | None = None) -> None:
     """Rank 0 logs to stderr and stage_dir/train.log; other ranks only their warnings and errors."""
     world = world or World()
     if not world.is_main:
@@ -102,7 +102,7 @@ def fit_context(items: list, policy, *, max_new_tokens: int, reference: bool = F
     return kept
 
 
-def _metrics_log(sdir: str, *, fresh: bool, world: World | None = None, cfg=None):
+def open_metrics_log(sdir: str, *, fresh: bool, world: World | None = None, cfg=None):
     """The stage's metrics.jsonl (rank 0 only; None elsewhere); TensorBoard too with --tensorboard."""
     from pebr.metrics_log import MetricsLog
 
@@ -133,7 +133,7 @@ class _StepLog:
 def run_sft(cfg, world: World | None = None) -> str:
     """Stage 0 -> path of the warm-up policy (OUT/stage0's latest checkpoint)."""
     world = world or World(device=torch.device(cfg.device))
-    _setup_logging(stage_dir(cfg, 0), world)
+    setup_logging(stage_dir(cfg, 0), world)
     with hold(stage_dir(cfg, 0), world, log=log.warning):  # one run per stage folder (pebr.run_lock)
         return _run_sft(cfg, world)
 
@@ -162,7 +162,7 @@ def _run_sft(cfg, world: World) -> str:
     world.barrier()
     items = fit_context(load_items(cfg, purpose="sft"), policy, max_new_tokens=0, reference=True)
     trainer = SFTTrainer(cfg, policy=policy, items=items, run_dir=sdir, log=log.info,
-                         metrics_log=_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg), world=world)
+                         metrics_log=open_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg), world=world)
     log.info(f"stage 0 (warm-up SFT): {trainer.total_steps} steps ({len(items)} items, {cfg.sft.epochs} epochs, "
              f"batch {cfg.sft.batch_size}), lr {cfg.sft.lr}, model {cfg.model or 'built-in tiny policy'}")
     if latest:
@@ -192,7 +192,7 @@ def resolve_init_model(cfg, world: World | None = None) -> str:
                  f"{_sft_plan(sft_cfg)}, then dataset-level sampling: {_sampling_plan(cfg)}"
                  + (f"; --max-steps {cfg.max_steps} counts stage-1 steps only" if cfg.max_steps is not None else ""))
         path = run_sft(sft_cfg, world)
-        _setup_logging(stage_dir(cfg), world)
+        setup_logging(stage_dir(cfg), world)
         return path
     raise SystemExit(f"error: no stage-{prev} policy under {stage_dir(cfg, prev)}; run --stage {prev} first or pass --model")
 
@@ -319,7 +319,7 @@ def make_reward_fn(cfg):
 
     if cfg.stage == 1:
         scorer = rewards.ClipScorer.from_pretrained(cfg.clip_model, device=cfg.device) if cfg.clip_model else None
-        weights = rewards.PerceptionWeights()
+        weights = rewards.PerceptionWeights(accuracy=cfg.perception_accuracy_weight)
         return lambda text, item, k: rewards.perception_reward(text, item, num_tokens=k, weights=weights, scorer=scorer)
     weights = rewards.ReasoningWeights()
     return lambda text, item, k: rewards.reasoning_reward(text, item, weights=weights)
@@ -328,7 +328,7 @@ def make_reward_fn(cfg):
 def run_grpo(cfg, world: World | None = None) -> str:
     """Stage 1 or 2 -> path of the final checkpoint."""
     world = world or World(device=torch.device(cfg.device))
-    _setup_logging(stage_dir(cfg), world)
+    setup_logging(stage_dir(cfg), world)
     with hold(stage_dir(cfg), world, log=log.warning):  # one run per stage folder (pebr.run_lock)
         return _run_grpo(cfg, world)
 
@@ -364,7 +364,7 @@ def _run_grpo(cfg, world: World) -> str:
     world.barrier()
     trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=train_items, reward_fn=make_reward_fn(cfg),
                           run_dir=sdir, init_model=init_model, log=log.info,
-                          metrics_log=_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg), world=world)
+                          metrics_log=open_metrics_log(sdir, fresh=not latest, world=world, cfg=cfg), world=world)
     log.info(f"stage {cfg.stage} ({C.STAGE_NAMES[cfg.stage]}): {trainer.total_steps} steps, "
              f"{len(train_items)} items (split {cfg.train_split!r}), "
              f"from {init_model}; n={cfg.group_size}, {cfg.rollout_batch} prompts/step, lr {cfg.lr}, "
