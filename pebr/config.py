@@ -132,8 +132,6 @@ class TrainConfig:
     split: str | None = opt(None, "sampling split to train on; none: easy for stage 1, medium for stage 2",
                             choices=("easy", "medium", "hard", "all"))
     min_split_items: int = opt(0, "top a small split up from the next one to this many items")
-    perception_accuracy_weight: float = opt(0.0, "stage 1: weight of answer accuracy beside the perception terms "
-                                                 "(0.4 clip, 0.4 keyword, 0.1 format, 0.1 length); the paper: 0 (docs/recipe.md)")
     clip_model: str | None = opt(None, "CLIP-family HF folder for the perception reward's clip term; none: the scene term on built-in items")
 
     # -- bookkeeping

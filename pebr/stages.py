@@ -319,7 +319,7 @@ def make_reward_fn(cfg):
 
     if cfg.stage == 1:
         scorer = rewards.ClipScorer.from_pretrained(cfg.clip_model, device=cfg.device) if cfg.clip_model else None
-        weights = rewards.PerceptionWeights(accuracy=cfg.perception_accuracy_weight)
+        weights = rewards.PerceptionWeights()
         return lambda text, item, k: rewards.perception_reward(text, item, num_tokens=k, weights=weights, scorer=scorer)
     weights = rewards.ReasoningWeights()
     return lambda text, item, k: rewards.reasoning_reward(text, item, weights=weights)

@@ -320,22 +320,6 @@ def test_perception_weights_combine():
     assert out["overall"] == pytest.approx(0.4 * out["scene"] + 0.4 * out["keyword"] + 0.05)
 
 
-def test_perception_accuracy_anchor():
-    """An accuracy weight adds the answer's grade (wrong answer: exactly its weight lost); weight 0,
-    the paper's default, leaves the key out and the reward as before."""
-    item = generate_items(1, seed=2)[0]
-    right = item.reference_response
-    head, _, _ = right.rpartition(ANSWER_HEADER)
-    wrong = head + ANSWER_HEADER + " not-" + str(item.answer)
-    w = R.PerceptionWeights(accuracy=0.2)
-    good, bad = (R.perception_reward(t, item, num_tokens=10, weights=w) for t in (right, wrong))
-    assert good["accuracy"] == 1.0 and bad["accuracy"] == 0.0
-    assert good["overall"] == pytest.approx(1.2)  # the paper's four terms sum to 1, plus the anchor
-    parts = {k: v for k, v in bad.items() if k not in ("overall", "accuracy")}
-    assert bad["overall"] == pytest.approx(0.4 * parts["scene"] + 0.4 * parts["keyword"] + 0.1 * parts["format"] + 0.1 * parts["length"])
-    assert "accuracy" not in R.perception_reward(right, item, num_tokens=10)
-
-
 def test_real_data_key_words_cost_nothing_for_other_scene_words():
     """A real-data item (no scene) whose key words happen to be all colours and shapes: naming more
     of the image than its key words is no hallucination there, so nothing is taken off; a built-in

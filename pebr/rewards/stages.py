@@ -13,19 +13,16 @@ from pebr.rewards.sections import RewardFailures, as_text, count_failure, format
 
 @dataclass
 class PerceptionWeights:
-    """Stage-1 weights (paper: 0.4 clip, 0.4 keyword, 0.1 format, 0.1 length, no accuracy)."""
+    """Stage-1 weights (paper: 0.4 clip, 0.4 keyword, 0.1 format, 0.1 length)."""
 
     clip: float = 0.4  # also the weight of the scene term when it stands in for CLIP
     keyword: float = 0.4
     format: float = 0.1
     length: float = 0.1
-    # Not in the paper. An anchor on the answer line: with no term on it, the tiny policy's answers
-    # drift while its descriptions improve (docs/recipe.md). 0 leaves the term out entirely.
-    accuracy: float = 0.0
     expected_length: int = 512  # tokens; longer responses get expected/len on the length term
 
     def __post_init__(self):
-        _check_weights(self, ("clip", "keyword", "format", "length", "accuracy"))
+        _check_weights(self, ("clip", "keyword", "format", "length"))
         if self.expected_length <= 0:
             raise ValueError(f"expected_length: must be > 0, got {self.expected_length}")
 
@@ -67,8 +64,7 @@ def perception_reward(
     scorer: ClipScorer | None = None,
     failures: RewardFailures | None = None,
 ) -> dict[str, float]:
-    """Stage-1 reward of one response: {"overall", "clip" or "scene", "keyword", "format", "length"},
-    and "accuracy" where `weights.accuracy` > 0.
+    """Stage-1 reward of one response: {"overall", "clip" or "scene", "keyword", "format", "length"}.
 
     item: a TaskItem (uses `.images` (or `.image`), `.key_words`, `.scene`); with several images
     the clip term is the mean cosine of the description over them (see `clip_reward`).
@@ -85,8 +81,6 @@ def perception_reward(
         "format": format_reward(response),
         "length": length_reward(num_tokens, weights.expected_length),
     }
-    if weights.accuracy > 0:
-        out["accuracy"] = accuracy_reward(response, getattr(item, "answer", None), failures=failures)
     not_text = as_text(response) is None
     if not_text:  # counted once here, not once per term
         count_failure(failures, "not_text")
@@ -96,8 +90,8 @@ def perception_reward(
     elif term == "scene":
         out["scene"] = 0.0 if not_text else scene_reward(response, item.scene, failures=failures)
     w = {"clip": weights.clip, "scene": weights.clip, "keyword": weights.keyword, "format": weights.format,
-         "length": weights.length, "accuracy": weights.accuracy}
-    total_w = weights.clip + weights.keyword + weights.format + weights.length + weights.accuracy
+         "length": weights.length}
+    total_w = weights.clip + weights.keyword + weights.format + weights.length
     used_w = sum(w[k] for k in out)
     scale = total_w / used_w if used_w > 0 else 0.0
     out["overall"] = float(sum(w[k] * v for k, v in out.items()) * scale)
