@@ -9,7 +9,10 @@ summary as JSON (<stem>.summary.json) and a Markdown table (<stem>.md). Several 
 evaluate each checkpoint on the same items and write one comparison table (rows: task types,
 kinds, overall; one column per checkpoint) to OUT/eval/compare_<kind>.md (JSON beside it, or
 --table). --compare A.summary.json B.summary.json ... tabulates earlier runs without re-running.
-Intervals are Wilson score intervals (pebr.stats.wilson_interval).
+Intervals are Wilson score intervals (pebr.stats.wilson_interval). Checkpoints evaluated in one
+run are also compared pairwise, each against the one before it on the same items: items gained and
+lost, per kind and overall, with McNemar's exact p-value (pebr.stats.mcnemar_exact), a test that
+uses the pairing two overlapping intervals ignore.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from pebr.cli import add_fields
 from pebr.config import EvalConfig
-from pebr.stats import wilson_interval
+from pebr.stats import mcnemar_exact, wilson_interval
 
 
 def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: float = 0.0, batch_prompts: int = 32,
@@ -175,6 +178,42 @@ def comparison_table(columns: list[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_comparison(columns: list[tuple[str, list[dict]]]) -> list[dict]:
+    """[(label, records)] of models graded on the same items -> one row per consecutive pair and
+    group (each kind, then "overall"):
+
+        {"before", "after", "group", "n", "gained", "lost", "delta", "p"}
+
+    n: items present in both (matched by "id"); gained: wrong before, right after; lost: the
+    reverse; delta = (gained - lost) / n, the change in accuracy; p: McNemar's exact p-value."""
+    rows = []
+    for (before, rec_a), (after, rec_b) in zip(columns, columns[1:]):
+        a = {r["id"]: (bool(r["correct"]), _kind_of(r)) for r in rec_a}
+        b = {r["id"]: bool(r["correct"]) for r in rec_b}
+        shared = [i for i in a if i in b]
+        groups = sorted({a[i][1] for i in shared})
+        for group in [*groups, "overall"]:
+            ids = [i for i in shared if group == "overall" or a[i][1] == group]
+            gained = sum(1 for i in ids if b[i] and not a[i][0])
+            lost = sum(1 for i in ids if a[i][0] and not b[i])
+            rows.append({"before": before, "after": after, "group": group, "n": len(ids), "gained": gained,
+                         "lost": lost, "delta": (gained - lost) / len(ids) if ids else 0.0,
+                         "p": mcnemar_exact(gained, lost)})
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    """paired_comparison's rows -> a Markdown table ("" without rows)."""
+    if not rows:
+        return ""
+    lines = ["| before -> after | group | change | gained | lost | McNemar p |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {_md(r['before'])} -> {_md(r['after'])} | {_md(r['group'])} | {r['delta']:+.3f} | "
+                     f"{r['gained']}/{r['n']} | {r['lost']}/{r['n']} | {r['p']:.3g} |")
+    return ("\n".join(lines) + "\n\nPaired on the same items: gained = wrong before and right after, lost = the "
+            "reverse; p: McNemar's exact two-sided test of gained against lost.\n")
+
+
 def _write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -318,11 +357,14 @@ def main(argv=None) -> int:
         raise SystemExit("error: nothing to compare: every --compare file was skipped")
     if len(columns) > 1 or not models:
         table = args.table or os.path.join(args.output_dir, "eval", f"compare_{source if models else 'runs'}.md")
+        paired = paired_comparison([(_slug(m), records) for m, _, records in results]) if models else []
         text = comparison_table(columns)
+        if paired:
+            text += "\n" + paired_table(paired)
         stem = table[: -len(".md")] if table.endswith(".md") else table
         _write_text(stem + ".md", f"# pebr.eval: {len(columns)} checkpoints\n\n{text}")
         _write_json(stem + ".json", {"confidence": args.confidence, "labels": [label for label, _ in columns],
-                                     "models": [{**s, "label": label} for label, s in columns]})
+                                     "models": [{**s, "label": label} for label, s in columns], "paired": paired})
         print(text, end="")
         print(f"table: {stem}.md")
     return 0

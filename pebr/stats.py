@@ -1,8 +1,10 @@
 """Confidence intervals for evaluation numbers: Wilson's interval for an accuracy (k of n items
-correct) and Student's t interval for a mean over a few runs (seeds). Standard library only.
+correct), Student's t interval for a mean over a few runs (seeds), and McNemar's exact test for
+two models graded on the same items. Standard library only.
 
     wilson_interval(81, 263)          -> (0.2553.., 0.3662..)   95% by default
     mean_interval([0.31, 0.35, 0.29]) -> MeanInterval(mean=0.3167.., lo=.., hi=.., n=3, sd=..)
+    mcnemar_exact(6, 1)               -> 0.125   (6 items gained, 1 lost)
 """
 from __future__ import annotations
 
@@ -161,4 +163,29 @@ def mean_interval(values, *, confidence: float = 0.95) -> MeanInterval:
     return MeanInterval(mean, mean - half, mean + half, n, sd)
 
 
-__all__ = ["normal_quantile", "wilson_interval", "t_cdf", "t_quantile", "MeanInterval", "mean_interval"]
+# ---- paired: two models on the same items
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value for two models graded on the same items.
+
+    gained: items the second model gets right and the first wrong; lost: the reverse. Items both get
+    right or both wrong say nothing about which is better. Under "no difference" each of the
+    d = gained + lost discordant items is a fair coin, so the p-value is
+
+        min(1, 2 * P[X <= min(gained, lost)]),   X ~ Binomial(d, 1/2)
+
+    Two Wilson intervals that overlap can still hide a real difference: the same items make the two
+    accuracies move together, and this test uses that. d = 0 -> 1.0."""
+    gained, lost = int(gained), int(lost)
+    if gained < 0 or lost < 0:
+        raise ValueError(f"expected counts >= 0, got gained={gained}, lost={lost}")
+    d, k = gained + lost, min(gained, lost)
+    if d == 0:
+        return 1.0
+    # log-space terms: exact for any d without overflowing 2**d
+    logs = [math.lgamma(d + 1) - math.lgamma(x + 1) - math.lgamma(d - x + 1) - d * math.log(2.0) for x in range(k + 1)]
+    return min(1.0, 2.0 * math.fsum(math.exp(v) for v in logs))
+
+
+__all__ = ["normal_quantile", "wilson_interval", "t_cdf", "t_quantile", "MeanInterval", "mean_interval", "mcnemar_exact"]

@@ -74,8 +74,37 @@ def test_eval_writes_rows_per_task_type_that_add_up(tiny, tmp_path, capsys):
 
 
 def _table_rows(text):
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("| ")]
+    """The rows of the first Markdown table in `text` (the paired table follows it)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_paired_comparison_of_hand_made_records():
+    """Gained/lost counted by item id (order and items missing from one side do not matter), per
+    kind and overall, and the p-value the exact test gives for those counts."""
+    def rec(i, kind, ok):
+        return {"id": f"x{i}", "task_type": f"{kind}/t", "kind": kind, "correct": ok, "format": 1.0}
+
+    before = [rec(i, "reasoning", i < 10) for i in range(30)] + [rec(100 + i, "perception", i % 2 == 0) for i in range(8)]
+    after = [rec(i, "reasoning", 4 <= i < 20) for i in range(30)] + [rec(100 + i, "perception", i % 2 == 0) for i in range(8)]
+    after = after[::-1] + [rec(999, "reasoning", True)]  # order shuffled, one item only in `after`
+    rows = pebr_eval.paired_comparison([("A", before), ("B", after)])
+    by = {r["group"]: r for r in rows}
+    assert [r["group"] for r in rows] == ["perception", "reasoning", "overall"]
+    assert (by["reasoning"]["gained"], by["reasoning"]["lost"], by["reasoning"]["n"]) == (10, 4, 30)
+    assert (by["perception"]["gained"], by["perception"]["lost"], by["perception"]["p"]) == (0, 0, 1.0)
+    assert (by["overall"]["gained"], by["overall"]["lost"], by["overall"]["n"]) == (10, 4, 38)
+    assert by["reasoning"]["delta"] == pytest.approx(6 / 30)
+    # 10 vs 4 of 14 discordant: 2 * sum_{x<=4} C(14, x) / 2^14 = 2 * 1471 / 16384
+    assert by["reasoning"]["p"] == pytest.approx(2 * 1471 / 16384)
+    text = pebr_eval.paired_table(rows)
+    assert "| A -> B | reasoning | +0.200 | 10/30 | 4/30 | 0.18 |" in text
+    assert pebr_eval.paired_table([]) == ""
 
 
 def test_two_checkpoints_make_one_table(tiny, tmp_path, capsys):
@@ -89,6 +118,10 @@ def test_two_checkpoints_make_one_table(tiny, tmp_path, capsys):
     assert [m["model"] for m in both["models"]] == [a, b]
     assert len({m["items"]["ids_digest"] for m in both["models"]}) == 1  # the same items
     assert rows[-1][1].endswith("/6") and rows[-1][1] == rows[-1][2]  # same weights, greedy: same cells
+    # same weights, greedy: nothing gained or lost, in the table and its JSON
+    assert "McNemar" in (tmp_path / "eval" / "compare_mixed.md").read_text()
+    assert both["paired"] and all(r["gained"] == r["lost"] == 0 and r["p"] == 1.0 for r in both["paired"])
+    assert both["paired"][-1]["group"] == "overall" and both["paired"][-1]["n"] == 6
 
     # The same table from the written summaries, without re-running; bad files skipped and reported.
     summaries = sorted(str(p) for p in (tmp_path / "eval").glob("*.summary.json"))

@@ -6,7 +6,9 @@ import statistics
 
 import pytest
 
-from pebr.stats import mean_interval, normal_quantile, t_cdf, t_quantile, wilson_interval
+from fractions import Fraction
+
+from pebr.stats import mcnemar_exact, mean_interval, normal_quantile, t_cdf, t_quantile, wilson_interval
 
 # Two-sided normal quantiles, written out (not computed by the code under test).
 Z = {0.90: 1.6448536269514722, 0.95: 1.959963984540054, 0.99: 2.5758293035489004}
@@ -113,3 +115,35 @@ def test_mean_interval():
     one = mean_interval([0.4])
     assert one.mean == 0.4 and math.isnan(one.lo) and math.isnan(one.hi)  # one seed says nothing of the spread
     assert mean_interval([]).n == 0
+
+
+def _mcnemar_by_counting(gained: int, lost: int) -> float:
+    """Exact, in rationals: twice the probability of a tail at least as far out, by enumerating
+    the binomial coefficients (not the code under test's log-gamma sums)."""
+    d, k = gained + lost, min(gained, lost)
+    if d == 0:
+        return 1.0
+    tail = sum(Fraction(math.comb(d, x), 2 ** d) for x in range(k + 1))
+    return float(min(Fraction(1), 2 * tail))
+
+
+@pytest.mark.parametrize("gained, lost, p", [
+    (6, 1, 0.125),            # 2 * (1 + 7) / 2^7
+    (5, 0, 0.0625),           # 2 / 2^5
+    (10, 0, 2 / 1024),
+    (3, 3, 1.0), (0, 0, 1.0), (1, 0, 1.0),
+    (65, 32, None), (32, 65, None), (500, 460, None), (2000, 0, None),
+])
+def test_mcnemar_exact(gained, lost, p):
+    want = _mcnemar_by_counting(gained, lost) if p is None else p
+    assert mcnemar_exact(gained, lost) == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert mcnemar_exact(gained, lost) == pytest.approx(mcnemar_exact(lost, gained), rel=1e-12)
+
+
+def test_mcnemar_on_fresh_counts_and_bad_input():
+    rng = random.Random()
+    for _ in range(50):
+        g, l = rng.randint(0, 300), rng.randint(0, 300)
+        assert mcnemar_exact(g, l) == pytest.approx(_mcnemar_by_counting(g, l), rel=1e-9, abs=1e-300)
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 3)
