@@ -102,8 +102,8 @@ class CurriculumConfig:
     seeds: int = C.opt(3, "GRPO seeds per arm (data order and rollout sampling; warm-up and sampling are shared)")
     steps: int = C.opt(60, "GRPO steps per arm (arm b: half perception, half reasoning). 60 fits 3 seeds x 3 arms "
                            "in under an hour on 2 cores with the tiny preset: measured 2026-11-30, 540 steps at "
-                           "about 2.6 s, the warm-up 4 min 40 s, the sampling 78 s and 10 evals of 392 items "
-                           "about 8 s each: ~32 min (bench/RESULTS.md)")
+                           "about 2.8 s and 10 evals of 985 items in 28 min, plus the warm-up (3.5 min) and "
+                           "the sampling (1 min): ~33 min (bench/RESULTS.md)")
     output_dir: str = C.opt("runs/curriculum", "the experiment folder (rerun with the same one to resume)")
     eval_items: int = C.opt(400, "held-out built-in items (half perception, half reasoning), decoded greedily")
     eval_seed: int = C.opt(999, "seed of the held-out items: must differ from the SFT pool's (2) and the sampled pool's (1)")
