@@ -1,12 +1,12 @@
 """pebr.stats: Wilson's interval against the textbook quadratic and published values; Student's t
-quantiles against tables and the closed-form CDFs of 1 and 2 degrees of freedom."""
+quantiles against tables and the closed-form CDFs of 1 and 2 degrees of freedom; McNemar's exact
+test against the binomial tail enumerated in rationals."""
 import math
 import random
 import statistics
+from fractions import Fraction
 
 import pytest
-
-from fractions import Fraction
 
 from pebr.stats import mcnemar_exact, mean_interval, normal_quantile, t_cdf, t_quantile, wilson_interval
 
