@@ -115,6 +115,8 @@ class TrainConfig:
     micro_batch: int = opt(8, "sequences per forward/backward (gradient accumulation)")
     shared_prefix: bool = opt(True, "rollout and update: each group's prompt through the decoder once, its n responses attending to its keys/values (off: every sequence whole; same result, slower)")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
+    old_logprobs: str = opt("rollout", "old log-probs of a step with several updates: rollout = the sampler's (the same policy and temperature; checked against one recompute on the run's first such step, recomputed from then on if a token differs by more than 1e-3); recompute = a policy forward over the step's rollouts first (EasyR1)",
+                            choices=("rollout", "recompute"))
     epochs: int = opt(1, "passes over the stage's data when max_steps is not set (the paper: 1 stage 1, 2 stage 2)")
     temperature: float = opt(1.2, "rollout sampling temperature, log-probs use the same (0: greedy)")
     top_p: float = opt(0.99, "rollout nucleus sampling")

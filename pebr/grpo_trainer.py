@@ -23,6 +23,12 @@ of whatever micro-batch it landed in.
 Departures from EasyR1, and why:
 - old log-probs are not recomputed when there is one update per rollout (rollout_batch ==
   mini_batch and ppo_epochs == 1): they equal the current ones, and grpo_loss uses logp.detach().
+- with several updates per rollout they are the sampler's (`old_logprobs="rollout"`): the
+  rollout ran the same policy at the same temperature and recorded log-softmax(logits / T) of
+  every sampled token over the whole vocabulary (pebr/rollout.py), so a policy forward over the
+  step's rollouts (a tenth of a tiny step) would compute the same numbers again. The first step
+  that needs them recomputes them once and compares: if any real token differs by more than
+  ROLLOUT_OLD_LOGP_TOL (a bf16 or other rollout engine can), every later step recomputes, logged.
 - reference log-probs are computed per micro-batch just before the policy's forward (no pass
   over the whole batch first), which is the same numbers with less memory held.
 - a step whose gradient norm is not finite is skipped (no optimizer step) and logged.
@@ -48,6 +54,11 @@ from pebr.trainer import Trainer
 
 # Kept importable from here: they lived in this module before pebr/trainer.py, and scripts import them.
 from pebr.trainer import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
+
+# Largest |rollout log-prob - recomputed log-prob| on a real token for which the rollout's are used
+# as old log-probs: exp(1e-3) moves a PPO ratio by 0.1%, far inside its clip (0.2). fp32 on CPU
+# measured ~5e-6 a token on average (rollout_logp_diff of the default run).
+ROLLOUT_OLD_LOGP_TOL = 1e-3
 
 # What forward_backward_step sums over micro-batches (token-weighted metrics carry their tokens).
 SUMMED = ("loss", "tokens", "entropy", "kl", "ppo_kl", "clipfrac_high", "clipfrac_low", "rollout_logp_diff",
@@ -260,7 +271,7 @@ class GRPOTrainer(Trainer):
         self.policy.model.train()
         plan = self.plan(ro, groups)  # the same every epoch: the groups and their counts do not change
         n_updates = len(plan) * cfg.ppo_epochs
-        old = self._old_logprobs(ro) if n_updates > 1 else None
+        old = self.old_logprobs(ro) if n_updates > 1 else None
         totals: dict[str, float] = {}
         norms, skipped = [], 0
         for e in range(cfg.ppo_epochs):
@@ -325,6 +336,28 @@ class GRPOTrainer(Trainer):
             out["rollout_logp_diff"] = float((diff * mask).sum())
             out["rollout_tokens"] = tok
         return out
+
+    def old_logprobs(self, ro: Rollouts) -> torch.Tensor:
+        """[P*n, R] log-probs of the step's responses under the policy before its first update: the
+        rollout's (cfg.old_logprobs == "rollout", once they have matched a recompute) or a
+        recomputed forward. The choice is the same on every rank (the check is all-reduced)."""
+        cfg = self.cfg
+        use_rollout = getattr(cfg, "old_logprobs", "recompute") == "rollout" and ro.logprobs is not None
+        ok = self.__dict__.get("_rollout_old_ok")  # None: not checked yet in this process
+        if not use_rollout or ok is False:
+            return self._old_logprobs(ro)
+        if ok:
+            return ro.logprobs.detach().float().cpu()
+        old = self._old_logprobs(ro)
+        real = ro.response_mask.bool()
+        local = float((old - ro.logprobs.float().cpu()).abs()[real].max()) if real.any() else 0.0
+        worst = float(self.world.max([local])[0])
+        ok = worst <= ROLLOUT_OLD_LOGP_TOL
+        self._rollout_old_ok = ok
+        self.log(f"old log-probs: the rollout's differ from a recompute by at most {worst:.2e} a token "
+                 + (f"(<= {ROLLOUT_OLD_LOGP_TOL:g}): taken from the rollouts from now on" if ok else
+                    f"(> {ROLLOUT_OLD_LOGP_TOL:g}): recomputed every step"))
+        return old
 
     @torch.no_grad()
     def _old_logprobs(self, ro: Rollouts) -> torch.Tensor:

@@ -25,9 +25,13 @@ uncached is the whole prompt again. A model or transformers version that cannot 
 this way runs the unshared path (logged once); the sampled tokens are the same either way, up to
 float rounding in the last prompt token's attention.
 
-The log-probs are of softmax(logits / T) after transformers' suppression of the vision tokens
-(`suppress_tokens`), before top-p: what the trainer recomputes, except for the suppressed tokens'
-probability mass; `rollout_logp_diff` in the metrics measures the gap.
+The log-probs are of softmax(logits / T) over the whole vocabulary, before the vision tokens are
+suppressed and before top-p: exactly what the trainer computes for the same policy, so a GRPO
+step that makes several updates takes them as its old log-probs instead of running the policy
+over the rollouts again (`pebr.grpo_trainer`; `rollout_logp_diff` in the metrics measures the
+gap, float rounding: ~5e-6 a token in fp32). The vision tokens are never sampled: the recorder
+sets their scores to -inf after recording (an <|image_pad|> in a response would be read as an
+image slot).
 """
 from __future__ import annotations
 
@@ -120,25 +124,39 @@ class RolloutEngine(Protocol):
 
 
 class _RecordLogprobs:
-    """A logits processor that keeps the log-probs of the tokens sampled at each step, and (with
-    `sample`) draws the token itself.
+    """A logits processor that keeps the log-probs of the tokens sampled at each step, suppresses
+    the `suppress` token ids, and (with `sample`) draws the token itself.
 
     At step t it sees the scores of step t and the ids up to step t-1: it gathers the previous
     step's log-softmax at the token just sampled, so it holds one [B, V] tensor at a time, never
-    [B, R, V]. `finish(responses)` adds the last step's.
+    [B, R, V]. `finish(responses)` adds the last step's. The log-softmax is taken before the
+    suppression: the policy's own log-probs, which the trainer recomputes up to float rounding
+    (suppressing first would shift every row by log(1 - p(suppressed))).
 
     sample: return log-softmax(scores / T) plus Gumbel noise, so that `generate`'s greedy argmax
-    is a draw from softmax(scores / T) (the Gumbel-max trick). On CPU this replaces
+    is a draw from softmax(scores / T) (the Gumbel-max trick) renormalized over the tokens not
+    suppressed (a suppressed token gets -inf, so it is never the argmax). On CPU this replaces
     `torch.multinomial`, whose exponential draws were 13% of a tiny rollout's time (one
     `torch.rand` plus two logs cost about a quarter of that); `generate` then also skips its own
     softmax. Only without top-p (top_p = 1): nucleus filtering stays with `generate`.
     """
 
-    def __init__(self, temperature: float, sample: bool = False):
+    def __init__(self, temperature: float, sample: bool = False, suppress: list[int] | None = None):
         self.temperature = temperature if temperature > 0 else 1.0
         self.sample = sample
+        self.suppress = sorted(set(int(t) for t in suppress)) if suppress else []
+        self._suppress_idx: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None
         self.out: list[torch.Tensor] = []
+
+    def _suppressed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, V] -> x with the suppressed columns at -inf (x itself when nothing is suppressed)."""
+        if not self.suppress:
+            return x
+        if self._suppress_idx is None or self._suppress_idx.device != x.device:
+            idx = torch.tensor(self.suppress, dtype=torch.long, device=x.device)
+            self._suppress_idx = idx[idx < x.shape[-1]]  # ids past the vocabulary have no column
+        return x.index_fill(-1, self._suppress_idx, float("-inf"))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prev is not None:
@@ -147,8 +165,8 @@ class _RecordLogprobs:
         if self.sample:
             # -log(u) ~ Exp(1); argmax(logp - log(Exp)) ~ softmax(logp). u = 0 gives -inf: never picked.
             u = torch.rand(self.prev.shape, device=self.prev.device, dtype=self.prev.dtype)
-            return self.prev - torch.log(-torch.log(u))
-        return scores
+            return self._suppressed(self.prev - torch.log(-torch.log(u)))
+        return self._suppressed(scores)
 
     def finish(self, responses: torch.Tensor) -> torch.Tensor:
         if self.prev is not None and len(self.out) < responses.shape[1]:
@@ -184,7 +202,9 @@ class HFRollout:
         own_sampling = sample and params.top_p >= 1.0  # the processor draws the tokens (Gumbel-max)
         kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
             if sample and not own_sampling else dict(do_sample=False)
-        record = _RecordLogprobs(params.temperature, sample=own_sampling)
+        # an <|image_pad|> in a response would be read as an image slot: never sampled (the recorder
+        # suppresses the vision tokens after taking the log-probs, see _RecordLogprobs)
+        record = _RecordLogprobs(params.temperature, sample=own_sampling, suppress=policy.vision_token_ids)
 
         def _generate(model):
             feats = image_features(model, prompt.pixel_values, prompt.image_grid_thw)
@@ -194,7 +214,6 @@ class HFRollout:
                 eos_token_id=policy.eos_ids,
                 pad_token_id=policy.pad_id,
                 use_cache=True,
-                suppress_tokens=policy.vision_token_ids,  # an <|image_pad|> in a response would be read as an image slot
                 logits_processor=LogitsProcessorList([record]),
                 **kwargs,
             )

@@ -69,14 +69,44 @@ def test_sampling_same_draws_and_teacher_forced_logprobs(qwen25):
     on = _rollouts(qwen25, items, n=n, temperature=1.0, shared=True, seed=seed, new=12)
     _assert_same(off, on)  # the same logits up to rounding, so the same RNG draws pick the same tokens
     assert len({tuple(r) for r in on.sequences.tolist()}) > len(items), "sampling must give different responses"
-    # The recorded log-probs are those of the sampled tokens under the model (teacher-forced,
-    # with the vision tokens suppressed as in sampling).
+    # The recorded log-probs are the model's own, teacher-forced, over the whole vocabulary: what
+    # the trainer recomputes (and takes in their place as old log-probs). The fresh policy gives
+    # the vision tokens real mass, so log-probs renormalized without them are measurably off.
     torch.testing.assert_close(on.logprobs, _teacher_forced(qwen25, on), rtol=0, atol=1e-4)
+    suppressed = _teacher_forced(qwen25, on, suppress_vision=True)
+    assert float((on.logprobs - suppressed).abs().max()) > 1e-3, "the check cannot tell the two apart"
+    # and no vision token was ever sampled
+    responses = on.sequences[:, on.prompt_len :]
+    assert not torch.isin(responses, torch.tensor(qwen25.vision_token_ids)).any()
 
 
-def _teacher_forced(policy: Policy, ro) -> torch.Tensor:
-    """[P*n, R] log-probs of ro's response tokens from one whole-sequence forward (no cache), the
-    vision tokens' logits at -inf as `suppress_tokens` sets them while sampling; 0 after the end."""
+def test_vision_tokens_never_sampled_even_when_likely(qwen25):
+    """A policy whose vision tokens hold most of the mass still never samples one, and records
+    the log-probs of what it does sample with that mass counted (as the trainer computes them)."""
+    items = _items(2, seed=random.randrange(10**6))
+    vision = torch.tensor(qwen25.vision_token_ids)
+
+    def favour_vision(module, args, out):  # +8 on the vision tokens' logits: most of the mass
+        out = out.clone()
+        out[..., vision] += 8.0
+        return out
+
+    hook = qwen25.model.get_output_embeddings().register_forward_hook(favour_vision)
+    try:
+        ro = _rollouts(qwen25, items, n=4, temperature=1.0, shared=True, seed=random.randrange(10**6), new=8)
+        ref = _teacher_forced(qwen25, ro)
+        mass = 1 - (_teacher_forced(qwen25, ro, suppress_vision=True) - ref).exp().reciprocal()
+    finally:
+        hook.remove()
+    real = ro.response_mask.bool()
+    assert float(mass[real].mean()) > 0.5, "the vision tokens must hold most of the mass for this test"
+    assert not torch.isin(ro.sequences[:, ro.prompt_len :], vision).any()
+    torch.testing.assert_close(ro.logprobs, ref, rtol=0, atol=1e-4)
+
+
+def _teacher_forced(policy: Policy, ro, suppress_vision: bool = False) -> torch.Tensor:
+    """[P*n, R] log-probs of ro's response tokens from one whole-sequence forward (no cache) over the
+    whole vocabulary (suppress_vision: the vision tokens' logits at -inf first); 0 after the end."""
     model, n, L = policy.model, ro.group_size, ro.prompt_len
     with torch.no_grad():
         feats = image_features(model, ro.prompt.pixel_values, ro.prompt.image_grid_thw)
@@ -86,7 +116,8 @@ def _teacher_forced(policy: Policy, ro) -> torch.Tensor:
             mm_token_type_ids=(ro.sequences == policy.image_token_id).to(torch.int32),
             mm_encoder_outputs=encoder_outputs(feats, n, ro.prompt.images_per_prompt), use_cache=False)
         logits = model.get_output_embeddings()(out.last_hidden_state[:, L - 1 : -1]).float()
-    logits[..., policy.vision_token_ids] = float("-inf")
+    if suppress_vision:
+        logits[..., policy.vision_token_ids] = float("-inf")
     lp = torch.log_softmax(logits, -1).gather(-1, ro.sequences[:, L:, None]).squeeze(-1)
     return lp.masked_fill(ro.response_mask == 0, 0.0)
 
