@@ -3,13 +3,15 @@
     python -m bench.profile_step                          # fresh tiny policy (it answers at full length)
     python -m bench.profile_step --model runs/stage0      # a warmed-up policy (realistic lengths)
     python -m bench.profile_step --no-shared-prefix       # the update with every sequence run whole
+    python -m bench.profile_step --old-logprobs recompute # a policy pass for the old log-probs every step
 
 Runs `--steps` GRPO steps of the tiny stage-1 preset (16 prompts x n = 8, 2 updates of 8 prompts,
 max 96 new tokens) on the built-in items and prints, per step, the wall time of: rollout prefill
 (one forward over the step's prompts, timed separately: transformers' generate does not report
-it), rollout (prefill + decode, as the trainer runs it), rewards, old log-probs (two updates a step need them), reference log-probs, policy
-forward, loss + backward, and the optimizer (clip + AdamW). The first step is a warm-up and is
-not averaged. Name the CPU and ISA beside any figure you quote (the last line prints them).
+it), rollout (prefill + decode, as the trainer runs it), rewards, old log-probs (two updates a
+step need them: a policy pass with --old-logprobs recompute; by default the rollout's, after the
+first step's check), reference log-probs, policy forward, loss + backward, and the optimizer
+(clip + AdamW). The first step is a warm-up and is not averaged. Name the CPU and ISA beside any figure you quote (the last line prints them).
 """
 from __future__ import annotations
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is a warm-up")
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                     help="the update's shared-prefix path (pebr/shared_prefix.py)")
+    ap.add_argument("--old-logprobs", choices=("rollout", "recompute"), default="rollout",
+                    help="old log-probs from the rollout (checked on the first step) or a policy pass each step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from pebr.tasks import generate_items
 
     cfg = dataclasses.replace(C.preset("tiny", stage=1), max_steps=args.steps, shared_prefix=args.shared_prefix,
-                              progress=False, save_every=10**9)
+                              old_logprobs=args.old_logprobs, progress=False, save_every=10**9)
     torch.manual_seed(args.seed)
     load = (lambda: load_policy(args.model)) if args.model else (lambda: build_tiny_policy(seed=args.seed))
     policy, reference = load(), load()
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             spent = {k: v - before.get(k, 0.0) for k, v in timer.total.items()}
             rows.append((step, spent, m.get("response_length", float("nan"))))
     measured = rows[1:] or rows
-    print(f"shared_prefix={args.shared_prefix}  model={args.model or 'fresh tiny policy'}  "
+    print(f"shared_prefix={args.shared_prefix}  old_logprobs={args.old_logprobs}  model={args.model or 'fresh tiny policy'}  "
           f"steps averaged: {len(measured)} (of {len(rows)})")
     print(f"{'phase':<22}{'seconds/step':>14}{'share':>8}")
     step_mean = sum(r[0] for r in measured) / len(measured)
