@@ -180,7 +180,7 @@ def comparison_table(columns: list[tuple[str, dict]]) -> str:
 
 def paired_comparison(columns: list[tuple[str, list[dict]]]) -> list[dict]:
     """[(label, records)] of models graded on the same items -> one row per consecutive pair and
-    group (each kind, then "overall"):
+    group (each kind, then "overall" when there are several kinds; with one it would repeat that row):
 
         {"before", "after", "group", "n", "gained", "lost", "delta", "p"}
 
@@ -192,7 +192,7 @@ def paired_comparison(columns: list[tuple[str, list[dict]]]) -> list[dict]:
         b = {r["id"]: bool(r["correct"]) for r in rec_b}
         shared = [i for i in a if i in b]
         groups = sorted({a[i][1] for i in shared})
-        for group in [*groups, "overall"]:
+        for group in [*groups, "overall"] if len(groups) > 1 else groups:
             ids = [i for i in shared if group == "overall" or a[i][1] == group]
             gained = sum(1 for i in ids if b[i] and not a[i][0])
             lost = sum(1 for i in ids if a[i][0] and not b[i])

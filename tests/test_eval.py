@@ -104,6 +104,9 @@ def test_paired_comparison_of_hand_made_records():
     assert by["reasoning"]["p"] == pytest.approx(2 * 1471 / 16384)
     text = pebr_eval.paired_table(rows)
     assert "| A -> B | reasoning | +0.200 | 10/30 | 4/30 | 0.18 |" in text
+    # one kind only: its row, no "overall" row repeating it
+    one = pebr_eval.paired_comparison([("A", before[:30]), ("B", after)])
+    assert [r["group"] for r in one] == ["reasoning"] and (one[0]["gained"], one[0]["lost"]) == (10, 4)
     assert pebr_eval.paired_table([]) == ""
 
 
