@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import platform
 import time
 from collections import defaultdict
 
@@ -95,14 +94,10 @@ def prefill_once(trainer, items, timer: PhaseTimer) -> None:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (kept here for scripts that import it; pebr.machine has it)."""
+    from pebr.machine import cpu_name as name
+
+    return name()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from pebr import config as C
 from pebr.distributed import World, seed_all
+from pebr.machine import describe as describe_machine
 from pebr.run_lock import hold
 
 SFT_SEED = 2  # procedural warm-up items: a pool of their own
@@ -144,6 +145,7 @@ def _run_sft(cfg, world: World) -> str:
     from pebr.sft import SFTTrainer
 
     sdir = stage_dir(cfg, 0)
+    log.info(describe_machine(world.device))  # step times mean nothing without the CPU and its vector path
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"))
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
     seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
@@ -339,6 +341,7 @@ def _run_grpo(cfg, world: World) -> str:
     from pebr.policy import load_policy
 
     sdir = stage_dir(cfg)
+    log.info(describe_machine(world.device))
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
     if cfg.resume and not latest:

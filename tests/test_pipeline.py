@@ -35,6 +35,8 @@ def test_stage0_writes_a_policy(out):
     assert latest and os.path.isfile(os.path.join(latest, "model.safetensors"))
     (m,) = read_metrics(str(out / "stage0" / "metrics.jsonl"))
     assert m["step"] == 1 and m["loss"] > 0
+    # the log names the machine its step times come from (pebr.machine)
+    assert re.search(r"machine: .+ threads, ATen capability \w+, engine CPU kernels", (out / "stage0" / "train.log").read_text())
 
 
 def test_stage1_then_stage2(out):
