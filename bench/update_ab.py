@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from bench.profile_step import cpu_name
+    from pebr.machine import cpu_name
     from pebr import config as C
     from pebr.distributed import World
     from pebr.grpo_trainer import GRPOTrainer
