@@ -11,7 +11,8 @@ max 96 new tokens) on the built-in items and prints, per step, the wall time of:
 it), rollout (prefill + decode, as the trainer runs it), rewards, old log-probs (two updates a
 step need them: a policy pass with --old-logprobs recompute; by default the rollout's, after the
 first step's check), reference log-probs, policy forward, loss + backward, and the optimizer
-(clip + AdamW). The first step is a warm-up and is not averaged. Name the CPU and ISA beside any figure you quote (the last line prints them).
+(clip + AdamW). The first step is a warm-up and is not averaged. Name the CPU and ISA beside any
+figure you quote (the last line prints them).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import time
 from collections import defaultdict
 
 import torch
+
+from pebr.machine import cpu_name  # scripts also import it from here, where it lived
 
 PHASES = ("rollout", "rollout_prefill_once", "rewards", "old_logprobs", "reference", "policy_forward", "loss_backward", "optimizer")
 
@@ -93,16 +96,9 @@ def prefill_once(trainer, items, timer: PhaseTimer) -> None:
                            mm_encoder_outputs=encoder_outputs(feats, 1, prompt.images_per_prompt), use_cache=True)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (kept here for scripts that import it; pebr.machine has it)."""
-    from pebr.machine import cpu_name as name
-
-    return name()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="policy folder (default: a fresh tiny policy)")
+    ap.add_argument("--model", default=None, help="HF folder, stage folder (OUT/stageK: its latest checkpoint) or checkpoints folder (default: a fresh tiny policy)")
     ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is a warm-up")
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                     help="the update's shared-prefix path (pebr/shared_prefix.py)")
@@ -114,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from pebr import config as C
     from pebr.distributed import World
     from pebr.grpo_trainer import GRPOTrainer
+    from pebr.checkpoint import resolve_model_path
     from pebr.policy import build_tiny_policy, load_policy
     from pebr.rewards import PerceptionWeights, perception_reward
     from pebr.tasks import generate_items
@@ -121,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(C.preset("tiny", stage=1), max_steps=args.steps, shared_prefix=args.shared_prefix,
                               old_logprobs=args.old_logprobs, progress=False, save_every=10**9)
     torch.manual_seed(args.seed)
-    load = (lambda: load_policy(args.model)) if args.model else (lambda: build_tiny_policy(seed=args.seed))
+    # --model takes what pebr.train's does: an HF folder, a stage folder (its latest checkpoint), ...
+    load = (lambda: load_policy(resolve_model_path(args.model))) if args.model else (lambda: build_tiny_policy(seed=args.seed))
     policy, reference = load(), load()
     reference.model.eval().requires_grad_(False)
     items = generate_items(cfg.rollout_batch * args.steps, seed=args.seed + 1)

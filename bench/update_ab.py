@@ -24,7 +24,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="policy folder (default: a fresh tiny policy)")
+    ap.add_argument("--model", default=None, help="HF folder, stage folder (OUT/stageK: its latest checkpoint) or checkpoints folder (default: a fresh tiny policy)")
     ap.add_argument("--repeats", type=int, default=8, help="timed updates per mode")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -33,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     from pebr import config as C
     from pebr.distributed import World
     from pebr.grpo_trainer import GRPOTrainer
+    from pebr.checkpoint import resolve_model_path
     from pebr.policy import build_tiny_policy, load_policy
     from pebr.rollout import generate_rollouts
     from pebr.tasks import generate_items
 
     cfg = dataclasses.replace(C.preset("tiny", stage=1), progress=False)
-    load = (lambda: load_policy(args.model)) if args.model else (lambda: build_tiny_policy(seed=args.seed))
+    # --model takes what pebr.train's does: an HF folder, a stage folder (its latest checkpoint), ...
+    load = (lambda: load_policy(resolve_model_path(args.model))) if args.model else (lambda: build_tiny_policy(seed=args.seed))
     policy, reference = load(), load()
     reference.model.eval().requires_grad_(False)
     items = generate_items(cfg.rollout_batch, seed=args.seed + 1)

@@ -102,6 +102,8 @@ class GRPOTrainer(Trainer):
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
         self.nonfinite_rewards = 0
         self.rollout_engine = HFRollout(policy, run=self.run, shared_prefix=getattr(cfg, "shared_prefix", True), log=self.log)
+        # whether the rollout's log-probs matched a recompute (None: not checked yet in this process)
+        self._rollout_old_ok: bool | None = None
 
     def progress_postfix(self, metrics: dict) -> dict:
         recent = [m["reward/overall"] for m in self.history[-10:]]
@@ -342,11 +344,10 @@ class GRPOTrainer(Trainer):
         rollout's (cfg.old_logprobs == "rollout", once they have matched a recompute) or a
         recomputed forward. The choice is the same on every rank (the check is all-reduced)."""
         cfg = self.cfg
-        use_rollout = getattr(cfg, "old_logprobs", "recompute") == "rollout" and ro.logprobs is not None
-        ok = self.__dict__.get("_rollout_old_ok")  # None: not checked yet in this process
-        if not use_rollout or ok is False:
+        use_rollout = cfg.old_logprobs == "rollout" and ro.logprobs is not None
+        if not use_rollout or self._rollout_old_ok is False:
             return self._old_logprobs(ro)
-        if ok:
+        if self._rollout_old_ok:
             return ro.logprobs.detach().float().cpu()
         old = self._old_logprobs(ro)
         real = ro.response_mask.bool()

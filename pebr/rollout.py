@@ -29,9 +29,9 @@ The log-probs are of softmax(logits / T) over the whole vocabulary, before the v
 suppressed and before top-p: exactly what the trainer computes for the same policy, so a GRPO
 step that makes several updates takes them as its old log-probs instead of running the policy
 over the rollouts again (`pebr.grpo_trainer`; `rollout_logp_diff` in the metrics measures the
-gap: float rounding, 5e-8 a token on average in fp32 on the tiny default). The vision tokens are never sampled: the recorder
-sets their scores to -inf after recording (an <|image_pad|> in a response would be read as an
-image slot).
+gap: float rounding, 5e-8 a token on average in fp32 on the tiny default). The vision tokens are
+never sampled: the recorder sets their scores to -inf after recording (an <|image_pad|> in a
+response would be read as an image slot).
 """
 from __future__ import annotations
 
