@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
+from engine.patch_geometry import PatchGeometry, geometry_keywords
 
 __all__ = [
     "MIN_PIXELS",
@@ -124,52 +124,29 @@ def load_images(images, **kw) -> list[torch.Tensor]:
     return [load_image(im, **kw) for im in images]
 
 
+@geometry_keywords
 def patchify_images(
-    images,
-    *,
-    min_pixels: int = MIN_PIXELS,
-    max_pixels: int = MAX_PIXELS,
-    patch_size: int = 14,
-    temporal_patch_size: int = 2,
-    merge_size: int = 2,
-    mean=OPENAI_CLIP_MEAN,
-    std=OPENAI_CLIP_STD,
-    rescale: float = 1 / 255,
-    device=None,
+    images, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, device=None, geometry: PatchGeometry
 ):
     """Images (anything `load_image` takes, or uint8 tensors already sized) -> (pixel_values [N, C*Tp*P*P] fp32,
     grid_thw [B, 3] int64): what Qwen2VLImageProcessor returns, by `engine.ops.patchify`.
-    The six patch settings are `engine.patch_geometry.PatchGeometry`'s (checked before any image is loaded)."""
+    The six patch settings are `engine.patch_geometry.PatchGeometry`'s keywords (checked before any image is loaded)."""
     import engine.ops
 
-    geometry = PatchGeometry(
-        patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale
-    )
     imgs = _prepared(images, min_pixels, max_pixels, geometry, device)
     return engine.ops.patchify(imgs, **geometry.keywords())
 
 
+@geometry_keywords
 def embed_images(
-    images,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    min_pixels: int = MIN_PIXELS,
-    max_pixels: int = MAX_PIXELS,
-    patch_size: int = 14,
-    temporal_patch_size: int = 2,
-    merge_size: int = 2,
-    mean=OPENAI_CLIP_MEAN,
-    std=OPENAI_CLIP_STD,
-    rescale: float = 1 / 255,
+    images, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, geometry: PatchGeometry,
 ):
     """Images -> (patch embeddings [N, D] in weight's dtype, grid_thw [B, 3]) by the fused
-    `engine.ops.patchify_embed`; uint8 pixels go to weight's device, never to fp32 on the host."""
+    `engine.ops.patchify_embed`; uint8 pixels go to weight's device, never to fp32 on the host.
+    The six patch settings are as in `patchify_images`."""
     import engine.ops
 
-    geometry = PatchGeometry(
-        patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale
-    )
     imgs = _prepared(images, min_pixels, max_pixels, geometry, weight.device)
     return engine.ops.patchify_embed(imgs, weight, bias, **geometry.keywords())
 

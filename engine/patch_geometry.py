@@ -6,11 +6,14 @@
 
 `engine.ops.patchify`, `engine.ops.patchify_embed`, `engine.reference`, `engine.image` and
 `pebr.images` all take these settings; they build one `PatchGeometry` (which checks them once) and
-pass it on, instead of repeating six keywords and their checks. Contracts: docs/ops.md#patchify.
+pass it on, instead of repeating six keywords and their checks. The public functions that take
+the six as keywords declare them once, through `@geometry_keywords`. Contracts: docs/ops.md#patchify.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 
 import torch
@@ -136,3 +139,28 @@ class PatchGeometry:
         """N: the patch rows of checked images (sum of B_i * H_i/P * W_i/P)."""
         P = self.patch_size
         return sum(t.shape[0] * (t.shape[2] // P) * (t.shape[3] // P) for t in imgs)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(PatchGeometry))
+
+
+def geometry_keywords(fn):
+    """`fn(..., *, geometry: PatchGeometry)` -> `fn(..., *, patch_size=14, temporal_patch_size=2,
+    merge_size=2, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, rescale=1/255)`.
+
+    The public ops and `engine.image` take the processor's six settings as keywords; this builds
+    the one checked `PatchGeometry` from them (before `fn` runs, so a bad setting is reported
+    before any work) and passes it as `geometry`. The keywords, with PatchGeometry's defaults,
+    are declared by the dataclass alone; `inspect.signature` and `help` show them.
+    """
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "geometry"]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in dataclasses.fields(PatchGeometry)]
+
+    @functools.wraps(fn)
+    def with_settings(*args, **kwargs):
+        settings = {name: kwargs.pop(name) for name in _FIELDS if name in kwargs}
+        return fn(*args, geometry=PatchGeometry(**settings), **kwargs)
+
+    with_settings.__signature__ = sig.replace(parameters=params)
+    return with_settings

@@ -12,21 +12,13 @@ from __future__ import annotations
 import torch
 
 from engine import dispatch, kernels, reference
-from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
+from engine.patch_geometry import PatchGeometry, geometry_keywords
 
 __all__ = ["patchify"]
 
 
-def patchify(
-    images,
-    *,
-    patch_size: int = 14,
-    temporal_patch_size: int = 2,
-    merge_size: int = 2,
-    mean=OPENAI_CLIP_MEAN,
-    std=OPENAI_CLIP_STD,
-    rescale: float = 1 / 255,
-):
+@geometry_keywords
+def patchify(images, *, geometry: PatchGeometry):
     """Qwen2VLImageProcessor's `pixel_values` for images already sized to multiples of patch_size*merge_size.
 
     Args:
@@ -39,9 +31,6 @@ def patchify(
         `(pixel_values [N, C*Tp*P*P] float32, grid_thw [B, 3] int64)`: rows in merge-block order,
         features (channel, frame, row, col) with the frame repeated Tp times. Not differentiable.
     """
-    geometry = PatchGeometry(
-        patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale
-    )
     imgs = geometry.image_list(images)
     grid_thw = geometry.grid_thw(imgs)
     backend = dispatch.select_backend("patchify", imgs[0].device.type)

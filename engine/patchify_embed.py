@@ -13,23 +13,13 @@ import torch
 
 from engine import _validate, dispatch, kernels, reference
 from engine.patch_embed import check_weight
-from engine.patch_geometry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchGeometry
+from engine.patch_geometry import PatchGeometry, geometry_keywords
 
 __all__ = ["patchify_embed"]
 
 
-def patchify_embed(
-    images,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    patch_size: int = 14,
-    temporal_patch_size: int = 2,
-    merge_size: int = 2,
-    mean=OPENAI_CLIP_MEAN,
-    std=OPENAI_CLIP_STD,
-    rescale: float = 1 / 255,
-):
+@geometry_keywords
+def patchify_embed(images, weight: torch.Tensor, bias: torch.Tensor | None = None, *, geometry: PatchGeometry):
     """`patch_embed(patchify(images).to(weight.dtype), weight, bias)` without ever writing pixel_values.
 
     Args:
@@ -43,14 +33,12 @@ def patchify_embed(
         and bias. The kernels fold the normalization and the Tp repeat into the weight, so the GEMM
         runs on raw pixels with K = C*P*P (half the Conv3d's).
     """
-    geometry = PatchGeometry(
-        patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size, mean=mean, std=std, rescale=rescale
-    )
     check_weight(weight, bias)
     D, C, Tp, P, _ = weight.shape
-    if Tp != geometry.temporal_patch_size or P != geometry.patch_size:
+    Tp_want, P_want = geometry.temporal_patch_size, geometry.patch_size
+    if Tp != Tp_want or P != P_want:
         raise ValueError(
-            f"weight must be [D, C, temporal_patch_size={temporal_patch_size}, patch_size={patch_size}, patch_size], got {tuple(weight.shape)}"
+            f"weight must be [D, C, temporal_patch_size={Tp_want}, patch_size={P_want}, patch_size], got {tuple(weight.shape)}"
         )
     if C != geometry.channels:
         raise ValueError(f"mean must have one value per channel of weight ({C}), got {geometry.channels}")
