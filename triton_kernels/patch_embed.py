@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _runtime as _triton
+from triton_kernels._tiles import dot_acc, tile
 
 
 @triton.jit
@@ -21,21 +22,14 @@ def _patch_embed_fwd_kernel(
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < N, rn < D
+    rm, rn, mask_m, mask_n = tile(N, D, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
         a = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = dot_acc(acc, a, b, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None].to(tl.int64) * D + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -55,12 +49,8 @@ def _patch_embed_bwd_kernel(
     atomically. The reduction dim is N (patches) for grad_weight: it varies per batch, so it is a grid
     dim, not a loop bound (and D*K tiles alone would not fill a GPU).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    rm, rn, mask_m, mask_n = tile(M, N, BLOCK_M, BLOCK_N)
     pid_s = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(SPLIT):
         rk = (pid_s * SPLIT + i) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -69,10 +59,7 @@ def _patch_embed_bwd_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = dot_acc(acc, a, b, IEEE)
     tl.atomic_add(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _runtime as _triton
+from triton_kernels._tiles import tile
 
 
 @triton.jit
@@ -29,6 +30,15 @@ def patch_offsets(rm, H, W, gh, gw, C: tl.constexpr, P: tl.constexpr, M: tl.cons
 
 
 @triton.jit
+def feature_offsets(rf, H, W, T: tl.constexpr, P: tl.constexpr):
+    """Feature columns rf = (c, t, ph, pw) of a patch row -> (channel c, pixel offset from the patch's
+    top-left corner in a [B, C, H, W] image tensor); all T frames read the same pixel."""
+    c = rf // (T * P * P)
+    pq = rf % (P * P)
+    return c, c.to(tl.int64) * H * W + (pq // P) * W + pq % P
+
+
+@triton.jit
 def _patchify_fwd_kernel(
     img_ptr, mean_ptr, std_ptr, out_ptr,
     n_rows, H, W, gh, gw, rescale,
@@ -37,15 +47,9 @@ def _patchify_fwd_kernel(
 ):
     """pixel_values [n_rows, C*T*P*P] fp32: features (c, t, ph, pw), the frame repeated T times."""
     F: tl.constexpr = C * T * P * P
-    pid_m = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rf = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask_m, mask_f = rm < n_rows, rf < F
+    rm, rf, mask_m, mask_f = tile(n_rows, F, BLOCK_M, BLOCK_F)
     row_off = patch_offsets(rm, H, W, gh, gw, C, P, M)
-    c = rf // (T * P * P)
-    pq = rf % (P * P)
-    col_off = c.to(tl.int64) * H * W + (pq // P) * W + pq % P
+    c, col_off = feature_offsets(rf, H, W, T, P)
     mask = mask_m[:, None] & mask_f[None, :]
     x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0)
     m = tl.load(mean_ptr + c, mask=mask_f, other=0.0)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _runtime as _triton
-from triton_kernels.patchify import image_dims, patch_offsets
+from triton_kernels._tiles import dot_acc, tile
+from triton_kernels.patchify import feature_offsets, image_dims, patch_offsets
 
 
 @triton.jit
@@ -28,27 +29,18 @@ def _patchify_embed_fwd_kernel(
 ):
     """out [n_rows, D] = (gathered pixels - z) @ Weff.T + bias_eff; w_ptr: Weff [D, C*P*P] in the GEMM dtype."""
     K: tl.constexpr = C * P * P
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < n_rows, rn < D
+    rm, rn, mask_m, mask_n = tile(n_rows, D, BLOCK_M, BLOCK_N)
     row_off = patch_offsets(rm, H, W, gh, gw, C, P, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
-        c = rk // (P * P)
-        pq = rk % (P * P)
-        col_off = c.to(tl.int64) * H * W + (pq // P) * W + pq % P
+        c, col_off = feature_offsets(rk, H, W, 1, P)  # one frame: the weight holds the Tp sum
         x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         z = tl.load(z_ptr + c, mask=mask_k, other=0.0)
         a = tl.where(mask_m[:, None] & mask_k[None, :], x.to(tl.float32) - z[None, :], 0.0).to(w_ptr.dtype.element_ty)
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = dot_acc(acc, a, b, IEEE)
     acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
     tl.store(out_ptr + rm[:, None].to(tl.int64) * D + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -66,14 +58,8 @@ def _patchify_embed_bwd_kernel(
     and adds atomically (the patch count is a grid dim, not a loop bound).
     """
     K: tl.constexpr = C * P * P
-    pid_d = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_d, mask_k = rd < D, rk < K
-    c = rk // (P * P)
-    pq = rk % (P * P)
-    col_off = c.to(tl.int64) * H * W + (pq // P) * W + pq % P
+    rd, rk, mask_d, mask_k = tile(D, K, BLOCK_D, BLOCK_K)
+    c, col_off = feature_offsets(rk, H, W, 1, P)
     z = tl.load(z_ptr + c, mask=mask_k, other=0.0)
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
     pid_s = tl.program_id(2)
@@ -84,10 +70,7 @@ def _patchify_embed_bwd_kernel(
         x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         a = tl.where(mask_m[:, None] & mask_k[None, :], x.to(tl.float32) - z[None, :], 0.0).to(g_ptr.dtype.element_ty)
         gt = tl.load(g_ptr + rd[:, None] + rm[None, :].to(tl.int64) * D, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(gt, a, input_precision="ieee")
-        else:
-            acc += tl.dot(gt, a)
+        acc = dot_acc(acc, gt, a, IEEE)
     tl.atomic_add(gw_ptr + rd[:, None].to(tl.int64) * K + rk[None, :], acc, mask=mask_d[:, None] & mask_k[None, :])
 
 
