@@ -98,12 +98,10 @@ def _grpo_loss_fwd_kernel(
 ):
     b = tl.program_id(0)
     row = b.to(tl.int64) * T
-    s_pg = tl.zeros((BLOCK_T,), tl.float32)
-    s_kl = tl.zeros((BLOCK_T,), tl.float32)
-    s_m = tl.zeros((BLOCK_T,), tl.float32)
-    s_hi = tl.zeros((BLOCK_T,), tl.float32)
-    s_lo = tl.zeros((BLOCK_T,), tl.float32)
-    s_ppo = tl.zeros((BLOCK_T,), tl.float32)
+    # the six running sums, in part_ptr's row order, all from one zero block (Triton values are
+    # immutable: `+=` makes a new one, so the names never alias)
+    zero = tl.zeros((BLOCK_T,), tl.float32)
+    s_pg, s_kl, s_m, s_hi, s_lo, s_ppo = zero, zero, zero, zero, zero, zero
     for it in range(N_ITERS):
         offs = it * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = offs < T
@@ -135,13 +133,9 @@ def _grpo_loss_finalize_kernel(
 ):
     offs0 = tl.arange(0, BLOCK_B)
     Bf = B * 1.0  # B (and T) may arrive as constexpr 1: no .to()
-    a_pg = tl.zeros((BLOCK_B,), tl.float32)
-    a_kl = tl.zeros((BLOCK_B,), tl.float32)
-    a_m = tl.zeros((BLOCK_B,), tl.float32)
-    a_hi = tl.zeros((BLOCK_B,), tl.float32)
-    a_lo = tl.zeros((BLOCK_B,), tl.float32)
-    a_ppo = tl.zeros((BLOCK_B,), tl.float32)
-    a_seq = tl.zeros((BLOCK_B,), tl.float32)
+    # the six row sums' totals and the seq-mean loss, all from one zero block (as in the forward)
+    zero = tl.zeros((BLOCK_B,), tl.float32)
+    a_pg, a_kl, a_m, a_hi, a_lo, a_ppo, a_seq = zero, zero, zero, zero, zero, zero, zero
     for it in range(N_B_ITERS):
         offs = it * BLOCK_B + offs0
         ok = offs < B
