@@ -151,6 +151,14 @@ def _float_images(values) -> torch.Tensor:
     return im
 
 
+# images both pixel ops get (each also has cases of its own below)
+PIXEL_CASES = {
+    "empty_batch": _uint8_images(0),
+    "float_unit_range": torch.rand(1, 3, 28, 28),
+    "float_with_nan": _float_images([((0, 3, 4), NAN)]),
+    "float_huge": _float_images([((2, 5, 5), BIG)]),
+}
+
 CASES: dict[str, dict] = {
     "token_logprobs": {
         "nan_in_one_row": _token_logprobs([[1.0, NAN, 0.0], [0.5, 0.25, 2.0]], [0, 2]),
@@ -206,19 +214,13 @@ CASES: dict[str, dict] = {
     },
     "patchify": {
         "uint8_one_image": _patchify(_uint8_images(1)),
-        "empty_batch": _patchify(_uint8_images(0)),
-        "float_unit_range": _patchify(torch.rand(1, 3, 28, 28)),
-        "float_with_nan": _patchify(_float_images([((0, 3, 4), NAN)])),
+        **{name: _patchify(images) for name, images in PIXEL_CASES.items()},
         "float_with_inf": _patchify(_float_images([((1, 0, 0), INF)])),
-        "float_huge": _patchify(_float_images([((2, 5, 5), BIG)])),
         "too_small": _patchify(_uint8_images(1, 14, 28)),
     },
     "patchify_embed": {
         "uint8_two_images": _patchify_embed(_uint8_images(2)),
-        "empty_batch": _patchify_embed(_uint8_images(0)),
-        "float_unit_range": _patchify_embed(torch.rand(1, 3, 28, 28)),
-        "float_with_nan": _patchify_embed(_float_images([((0, 3, 4), NAN)])),
-        "float_huge": _patchify_embed(_float_images([((2, 5, 5), BIG)])),
+        **{name: _patchify_embed(images) for name, images in PIXEL_CASES.items()},
     },
 }
 
