@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from pebr.machine import cpu_name  # scripts also import it from here, where it lived
+from pebr.run.machine import cpu_name  # scripts also import it from here, where it lived
 
 PHASES = ("rollout", "rollout_prefill_once", "rewards", "old_logprobs", "reference", "policy_forward", "loss_backward", "optimizer")
 
@@ -85,7 +85,7 @@ def instrument(trainer, timer: PhaseTimer) -> None:
 
 def prefill_once(trainer, items, timer: PhaseTimer) -> None:
     """One forward over the step's prompts (each once), timed: the prefill a shared-prefix rollout does."""
-    from pebr.logprobs import encoder_outputs, image_features
+    from pebr.model.forward import encoder_outputs, image_features
 
     policy = trainer.policy
     prompt = policy.encode_prompts([it.images for it in items], [it.problem for it in items])
@@ -101,19 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="HF folder, stage folder (OUT/stageK: its latest checkpoint) or checkpoints folder (default: a fresh tiny policy)")
     ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is a warm-up")
     ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
-                    help="the update's shared-prefix path (pebr/shared_prefix.py)")
+                    help="the update's shared-prefix path (pebr/model/shared_prefix.py)")
     ap.add_argument("--old-logprobs", choices=("rollout", "recompute"), default="rollout",
                     help="old log-probs from the rollout (checked on the first step) or a policy pass each step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from pebr import config as C
-    from pebr.distributed import World
-    from pebr.grpo_trainer import GRPOTrainer
-    from pebr.checkpoint import resolve_model_path
-    from pebr.policy import build_tiny_policy, load_policy
+    from pebr.recipe import config as C
+    from pebr.run.distributed import World
+    from pebr.trainers.grpo import GRPOTrainer
+    from pebr.run.checkpoint import resolve_model_path
+    from pebr.model.policy import build_tiny_policy, load_policy
     from pebr.rewards import PerceptionWeights, perception_reward
-    from pebr.tasks import generate_items
+    from pebr.data.tasks import generate_items
 
     cfg = dataclasses.replace(C.preset("tiny", stage=1), max_steps=args.steps, shared_prefix=args.shared_prefix,
                               old_logprobs=args.old_logprobs, progress=False, save_every=10**9)

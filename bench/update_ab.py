@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from pebr.machine import cpu_name
-    from pebr import config as C
-    from pebr.distributed import World
-    from pebr.grpo_trainer import GRPOTrainer
-    from pebr.checkpoint import resolve_model_path
-    from pebr.policy import build_tiny_policy, load_policy
-    from pebr.rollout import generate_rollouts
-    from pebr.tasks import generate_items
+    from pebr.run.machine import cpu_name
+    from pebr.recipe import config as C
+    from pebr.run.distributed import World
+    from pebr.trainers.grpo import GRPOTrainer
+    from pebr.run.checkpoint import resolve_model_path
+    from pebr.model.policy import build_tiny_policy, load_policy
+    from pebr.rollout.hf_engine import generate_rollouts
+    from pebr.data.tasks import generate_items
 
     cfg = dataclasses.replace(C.preset("tiny", stage=1), progress=False)
     # --model takes what pebr.train's does: an HF folder, a stage folder (its latest checkpoint), ...

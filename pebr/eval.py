@@ -9,9 +9,9 @@ summary as JSON (<stem>.summary.json) and a Markdown table (<stem>.md). Several 
 evaluate each checkpoint on the same items and write one comparison table (rows: task types,
 kinds, overall; one column per checkpoint) to OUT/eval/compare_<kind>.md (JSON beside it, or
 --table). --compare A.summary.json B.summary.json ... tabulates earlier runs without re-running.
-Intervals are Wilson score intervals (pebr.stats.wilson_interval). Checkpoints evaluated in one
+Intervals are Wilson score intervals (pebr.report.stats.wilson_interval). Checkpoints evaluated in one
 run are also compared pairwise, each against the one before it on the same items: items gained and
-lost, per kind and overall, with McNemar's exact p-value (pebr.stats.mcnemar_exact), a test that
+lost, per kind and overall, with McNemar's exact p-value (pebr.report.stats.mcnemar_exact), a test that
 uses the pairing two overlapping intervals ignore.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from collections import defaultdict
 
 import torch
 
-from pebr.cli import add_fields
-from pebr.config import EvalConfig
-from pebr.stats import mcnemar_exact, wilson_interval
+from pebr.run.cli import add_fields
+from pebr.recipe.config import EvalConfig
+from pebr.report.stats import mcnemar_exact, wilson_interval
 
 
 def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: float = 0.0, batch_prompts: int = 32,
@@ -35,10 +35,10 @@ def evaluate(policy, items: list, *, max_new_tokens: int = 96, temperature: floa
     """-> (summary, one record per item); the summary as `summarize(records)` gives it.
 
     temperature: 0 (the default) decodes greedily, so the result does not depend on the RNG.
-    world: a pebr.distributed.World: each rank answers items[rank::world_size]; every rank gets the
+    world: a pebr.run.distributed.World: each rank answers items[rank::world_size]; every rank gets the
     merged records in item order."""
     from pebr.rewards import accuracy_reward, format_reward
-    from pebr.rollout import generate_rollouts
+    from pebr.rollout.hf_engine import generate_rollouts
 
     records = []
     W = world.world_size if world is not None else 1
@@ -270,10 +270,10 @@ def _print_summary(model: str, summary: dict, out: str, summary_path: str) -> No
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from pebr import tasks
-    from pebr.checkpoint import resolve_model_path
-    from pebr.cli import check_device
-    from pebr.policy import load_policy
+    from pebr.data import tasks
+    from pebr.run.checkpoint import resolve_model_path
+    from pebr.run.cli import check_device
+    from pebr.model.policy import load_policy
 
     models = args.model or []
     if not models and not args.compare:
@@ -301,14 +301,14 @@ def main(argv=None) -> int:
 
     source = "data" if args.data else args.kind
     if models and not args.data and args.difficulty is None:
-        from pebr.checkpoint import trained_difficulty
+        from pebr.run.checkpoint import trained_difficulty
 
         args.difficulty = trained_difficulty(models[0])
         print(f"items at difficulty {args.difficulty} (the level {models[0]} was trained at; --difficulty to change)",
               file=sys.stderr)
     if models:
         if args.data:
-            from pebr.data import load_records_or_exit
+            from pebr.data.records import load_records_or_exit
 
             res = load_records_or_exit(args.data)
             print(res.summary(), file=sys.stderr)
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        from pebr.distributed import init_world
+        from pebr.run.distributed import init_world
 
         world = init_world(device=args.device)
         results = []

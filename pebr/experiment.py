@@ -18,7 +18,7 @@ its KL reference is its own starting policy, as in `python -m pebr.train`. Each 
 the warm-up are then evaluated greedily on one held-out set of built-in items (seed 999 unless
 --eval-seed; the SFT pool uses seed 2, the sampled pool seed 1; an item equal to a training item
 is dropped and counted). Per arm: perception and reasoning accuracy per seed with their Wilson
-interval, their mean over seeds with a Student t interval (pebr.stats).
+interval, their mean over seeds with a Student t interval (pebr.report.stats).
 
 OUT (--output-dir) holds:
     warmup/stage0/          the warm-up (unless --warmup names one)
@@ -48,10 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pebr import config as C
-from pebr import stages
-from pebr.cli import add_fields, check_device, given
-from pebr.stats import mean_interval
+from pebr.recipe import config as C
+from pebr.recipe import stages
+from pebr.run.cli import add_fields, check_device, given
+from pebr.report.stats import mean_interval
 
 log = logging.getLogger("pebr")
 
@@ -107,7 +107,7 @@ class CurriculumConfig:
     output_dir: str = C.opt("runs/curriculum", "the experiment folder (rerun with the same one to resume)")
     eval_items: int = C.opt(400, "held-out built-in items (half perception, half reasoning), decoded greedily")
     eval_seed: int = C.opt(999, "seed of the held-out items: must differ from the SFT pool's (2) and the sampled pool's (1)")
-    preset: str = C.opt("tiny", "training settings of every stage (pebr.config)", choices=tuple(C.PRESETS))
+    preset: str = C.opt("tiny", "training settings of every stage (pebr.recipe.config)", choices=tuple(C.PRESETS))
     warmup: str | None = C.opt(None, "warm-up policy to start from (HF folder, stage folder or checkpoints folder); "
                                      "none: OUT/warmup/stage0, trained first when it holds no finished warm-up")
     device: str | None = C.opt(None, "cpu, cuda or cuda:N; none: cuda when available, else cpu")
@@ -169,7 +169,7 @@ def union_reward(perception: dict, reasoning: dict) -> dict:
 
 
 def make_reward_fn(cfg, kind: str):
-    """reward_fn(text, item, num_tokens) -> dict: a stage's (pebr.stages.make_reward_fn) or the union."""
+    """reward_fn(text, item, num_tokens) -> dict: a stage's (pebr.recipe.stages.make_reward_fn) or the union."""
     if kind == "perception":
         return stages.make_reward_fn(dataclasses.replace(cfg, stage=1))
     if kind == "reasoning":
@@ -179,7 +179,7 @@ def make_reward_fn(cfg, kind: str):
 
 
 def stage_items(cfg, split: str, items: list, splits: dict) -> list:
-    """The sampled items a stage trains on: one split via pebr.stages.select_split (topped up to
+    """The sampled items a stage trains on: one split via pebr.recipe.stages.select_split (topped up to
     min_split_items), or easy + medium in pool order, topped up from hard."""
     if split != "easy+medium":
         return stages.select_split(dataclasses.replace(cfg, split=split), items, splits)
@@ -209,7 +209,7 @@ def check_eval_seed(cc: CurriculumConfig, cfg) -> None:
 def held_out_items(cc: CurriculumConfig, sft_cfg, pool: list) -> tuple[list, dict]:
     """Built-in items of --eval-seed, less any equal to an item of the SFT pool or the sampled pool
     -> (items, info for the JSON)."""
-    from pebr import tasks
+    from pebr.data import tasks
 
     check_eval_seed(cc, sft_cfg)
     level = sft_cfg.difficulty
@@ -231,7 +231,7 @@ def held_out_items(cc: CurriculumConfig, sft_cfg, pool: list) -> tuple[list, dic
 
 
 def _world(device: str):
-    from pebr.distributed import World
+    from pebr.run.distributed import World
 
     return World(device=torch.device(device))
 
@@ -271,13 +271,13 @@ def _same_path(a, b) -> bool:
 
 def train_stage(cfg, spec: Stage, *, sdir: str, init_model: str, items: list, world, record: dict) -> dict:
     """Run one GRPO stage into `sdir` (or skip it when its final checkpoint is there) -> its record:
-    {"final", "trained_now", "wall_s", "steps", "init_model", ...}. Built as pebr.stages._run_grpo
+    {"final", "trained_now", "wall_s", "steps", "init_model", ...}. Built as pebr.recipe.stages._run_grpo
     builds a stage, with the arm's items, reward and starting policy instead of the recipe's."""
-    from pebr.checkpoint import Checkpointer, load_trainer_state
-    from pebr.distributed import seed_all
-    from pebr.grpo_trainer import GRPOTrainer
-    from pebr.policy import load_policy
-    from pebr.run_lock import hold
+    from pebr.run.checkpoint import Checkpointer, load_trainer_state
+    from pebr.run.distributed import seed_all
+    from pebr.trainers.grpo import GRPOTrainer
+    from pebr.model.policy import load_policy
+    from pebr.run.lock import hold
 
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
     latest = ckpts.latest()
@@ -332,7 +332,7 @@ def eval_cached(model: str, items: list, info: dict, *, folder: str, max_new_tok
     """Greedy held-out eval of `model` (pebr.eval.evaluate), written to folder/heldout.*, or the one
     written there before for the same model, items and budget -> the summary (with "reused", "wall_s")."""
     from pebr.eval import evaluate
-    from pebr.policy import load_policy
+    from pebr.model.policy import load_policy
 
     path = os.path.join(folder, "heldout.summary.json")
     key = {"model": os.path.realpath(model), "items": info, "max_new_tokens": max_new_tokens, "temperature": 0.0}
@@ -497,9 +497,9 @@ def plot(result: dict, path: str) -> None:
 
 def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> dict:
     """The whole ablation -> the result written to OUT/curriculum.json (and .md, .png)."""
-    from pebr.checkpoint import resolve_model_path
-    from pebr.row_limits import text_only_policy
-    from pebr.run_lock import hold
+    from pebr.run.checkpoint import resolve_model_path
+    from pebr.model.context_limits import text_only_policy
+    from pebr.run.lock import hold
 
     t_start, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="seconds")
     out = cc.output_dir

@@ -7,7 +7,7 @@ architecture (hidden sizes, depths, vocabulary), so no weights are downloaded or
 What is counted, per GPU, with W GPUs and P parameters (fp32 master weights, bf16 compute):
 - policy shards: fp32 weights + fp32 gradients + AdamW's two fp32 moments = 16 P / W bytes;
 - reference shards: fp32 weights = 4 P / W (no gradients, no optimizer);
-- rollout: the whole policy gathered in bf16 for generation = 2 P (pebr.fsdp.gathered);
+- rollout: the whole policy gathered in bf16 for generation = 2 P (pebr.run.fsdp.gathered);
 - with --cpu-offload the shards live in CPU memory: only the gathered copy stays on the GPU.
 Activations are given apart, per 1,000 tokens of a micro-batch, with the usual estimate of a
 transformer layer's saved activations in bf16 (about 34 H bytes per token per layer, Korthikanti
@@ -35,7 +35,7 @@ def parameter_count(name: str) -> int:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from pebr.policy import mrope_section
+    from pebr.model.policy import mrope_section
 
     arch = ARCHS[name]
     mrope = mrope_section(arch["text"]["hidden_size"] // arch["text"]["num_attention_heads"])

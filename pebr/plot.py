@@ -2,7 +2,7 @@
 
 PATH is a run folder (the training --output-dir, whose stage0/, stage1/, stage2/ folders each hold
 a metrics.jsonl), one stage folder, or a metrics.jsonl file (one JSON line per step, see
-`pebr.metrics_log`). Every stage goes on one figure, one line per stage: each stage counts its
+`pebr.run.metrics_log`). Every stage goes on one figure, one line per stage: each stage counts its
 steps from 1, so the x axis lays the stages end to end (stage 1's step 1 comes after stage 0's
 last step; a dashed line marks where each stage starts). The panels: SFT loss (the `loss` of
 stages that log no reward, i.e. stage 0), reward/overall, accuracy, kl, entropy, response_length.
@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on the training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pebr.metrics_log import read_metrics_counted  # noqa: E402
+from pebr.run.metrics_log import read_metrics_counted  # noqa: E402
 
 
 class Panel(NamedTuple):

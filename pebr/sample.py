@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from pebr.cli import add_fields, check_device
-from pebr.config import DIFFICULTY_LEVELS, PRESETS, SamplingConfig
-from pebr.config import preset as config_preset
+from pebr.run.cli import add_fields, check_device
+from pebr.recipe.config import DIFFICULTY_LEVELS, PRESETS, SamplingConfig
+from pebr.recipe.config import preset as config_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +70,10 @@ def apply_preset(args: argparse.Namespace, argv: list[str]) -> argparse.Namespac
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = apply_preset(build_parser().parse_args(argv), argv)
-    from pebr import tasks
-    from pebr.checkpoint import find_latest, resolve_model_path
-    from pebr.policy import load_policy
-    from pebr.sampling import sample_dataset, write_sampling
+    from pebr.data import tasks
+    from pebr.run.checkpoint import find_latest, resolve_model_path
+    from pebr.model.policy import load_policy
+    from pebr.recipe.splits import sample_dataset, write_sampling
 
     folder = sampling_folder(args.output_dir)
     run_dir = os.path.dirname(os.path.normpath(folder)) or "."
@@ -89,34 +89,34 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     if args.data:
-        from pebr.data import load_records_or_exit
+        from pebr.data.records import load_records_or_exit
 
         res = load_records_or_exit(args.data)
         print(res.summary(), file=sys.stderr)
         items = res.items
     else:
         if args.difficulty is None:
-            from pebr.checkpoint import trained_difficulty
+            from pebr.run.checkpoint import trained_difficulty
 
             args.difficulty = trained_difficulty(model)
         items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed", difficulty=args.difficulty)
     if not items:
         raise SystemExit("error: no items to sample")
-    from pebr.distributed import init_world, seed_all
+    from pebr.run.distributed import init_world, seed_all
 
-    from pebr.run_lock import hold
+    from pebr.run.lock import hold
 
     world = init_world(device=args.device)
     rollout_seed = args.seed if args.rollout_seed is None else args.rollout_seed
     seed_all(rollout_seed, world.rank)
     policy = load_policy(model, device=world.device)
-    # the folder is the trainer's sampling cache too: one writer at a time (pebr/run_lock.py)
+    # the folder is the trainer's sampling cache too: one writer at a time (pebr/run/lock.py)
     with hold(folder, world, log=lambda m: print(m, file=sys.stderr)):
         result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,
                                 progress=world.is_main, world=world)
         if world.is_main:
-            # the keys pebr.stages.ensure_sampling compares before reusing this sampling
+            # the keys pebr.recipe.stages.ensure_sampling compares before reusing this sampling
             write_sampling(result, folder, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k,
                                                  "num_items": len(items), "temperature": args.temperature,
                                                  "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,

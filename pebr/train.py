@@ -24,16 +24,16 @@ import sys
 
 import torch
 
-from pebr import config as C
-from pebr import stages
-from pebr.checkpoint import resolve_model_path
-from pebr.cli import add_fields, check_device, field_help, given
-from pebr.stages import run, stage_dir  # noqa: F401  (scripts import them from here)
+from pebr.recipe import config as C
+from pebr.recipe import stages
+from pebr.run.checkpoint import resolve_model_path
+from pebr.run.cli import add_fields, check_device, field_help, given
+from pebr.recipe.stages import run, stage_dir  # noqa: F401  (scripts import them from here)
 
 log = logging.getLogger("pebr")
 
 
-# ---- command line (flags generated from the config fields: pebr.cli)
+# ---- command line (flags generated from the config fields: pebr.run.cli)
 
 _RUN = ("model", "data", "output_dir", "max_steps", "resume", "seed", "device", "dtype", "save_every",
         "keep_checkpoints", "progress", "log_every", "tensorboard")
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         cfg = config_from_args(args)
         check_device(cfg.device)
         if cfg.tensorboard:  # missing package: one line now, not a traceback after loading and sampling
-            from pebr.metrics_log import check_tensorboard
+            from pebr.run.metrics_log import check_tensorboard
 
             check_tensorboard()
         if cfg.model:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {exc}")
     from transformers.utils import logging as hf_logging
 
-    from pebr.distributed import init_world
+    from pebr.run.distributed import init_world
 
     hf_logging.disable_progress_bar()  # transformers' save/load bars would break the training bar
     try:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pebr import train
-from pebr.checkpoint import Checkpointer, DataOrder, load_trainer_state
-from pebr.metrics_log import read_metrics
-from pebr.policy import build_tiny_policy, load_policy
+from pebr.run.checkpoint import Checkpointer, DataOrder, load_trainer_state
+from pebr.run.metrics_log import read_metrics
+from pebr.model.policy import build_tiny_policy, load_policy
 
 # A GRPO run small enough for seconds: 2 prompts x n=2, 12-token responses.
 MICRO = ["-n", "2", "--rollout-batch", "2", "--micro-batch", "4", "--max-new-tokens", "12", "--sampling-items", "4",

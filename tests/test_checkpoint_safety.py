@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pebr import train
-from pebr.checkpoint import (LEGACY_STATE_FILE, STATE_FILE, Checkpointer, CheckpointError, find_latest,
+from pebr.run.checkpoint import (LEGACY_STATE_FILE, STATE_FILE, Checkpointer, CheckpointError, find_latest,
                              load_trainer_state, resolve_model_path, rng_state, set_rng_state)
-from pebr.policy import build_tiny_policy, load_policy
+from pebr.model.policy import build_tiny_policy, load_policy
 
 
 @pytest.fixture(scope="module")

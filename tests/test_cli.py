@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pebr import config as C
+from pebr.recipe import config as C
 from pebr import eval as pebr_eval
 from pebr import sample as pebr_sample
 from pebr import train

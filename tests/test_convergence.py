@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import engine
-from pebr import config as C
-from pebr.distributed import World
-from pebr.grpo_trainer import GRPOTrainer
-from pebr.policy import build_tiny_policy
+from pebr.recipe import config as C
+from pebr.run.distributed import World
+from pebr.trainers.grpo import GRPOTrainer
+from pebr.model.policy import build_tiny_policy
 from pebr.rewards import PerceptionWeights, perception_reward
-from pebr.tasks import generate_items
+from pebr.data.tasks import generate_items
 
 FAST = [b for b in engine.available_backends("cpu") if b == "cpp"]
 

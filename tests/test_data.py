@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pebr.data import load_records, save_records
-from pebr.tasks import generate_items
+from pebr.data.records import load_records, save_records
+from pebr.data.tasks import generate_items
 
 
 def _png(colour=(200, 10, 10), size=(28, 28)) -> bytes:

@@ -1,5 +1,5 @@
 """Rows that load but would crash the run later are skipped or fixed at load time, and overlong
-prompts are dropped by pebr.row_limits before anything is encoded."""
+prompts are dropped by pebr.model.context_limits before anything is encoded."""
 import io
 import json
 import os
@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from engine.image import smart_resize
-from pebr import data
-from pebr.data import load_records
-from pebr.images import ImageEncoder
-from pebr.tasks import generate_items
+from pebr.data import records as data
+from pebr.data.records import load_records
+from pebr.model.image_encoder import ImageEncoder
+from pebr.data.tasks import generate_items
 
 
 def _png(size, colour=(200, 10, 10), mode="RGB") -> bytes:
@@ -178,18 +178,18 @@ def test_absurdly_long_text_skipped_by_the_loader_bound(tmp_path):
     assert "problem" in result.skipped[0][1] and "answer" in result.skipped[1][1]
 
 
-# ---- pebr.row_limits: prompt length against the model's positions
+# ---- pebr.model.context_limits: prompt length against the model's positions
 
 
 @pytest.fixture(scope="module")
 def policy():
-    from pebr.policy import build_tiny_policy
+    from pebr.model.policy import build_tiny_policy
 
     return build_tiny_policy(seed=0)
 
 
 def test_prompt_tokens_equal_encode_prompts(policy):
-    from pebr.row_limits import prompt_tokens
+    from pebr.model.context_limits import prompt_tokens
 
     for item in generate_items(3, seed=random.randrange(1000)):
         side = random.randint(30, 300), random.randint(30, 300)
@@ -201,7 +201,7 @@ def test_prompt_tokens_equal_encode_prompts(policy):
 def test_prompt_tokens_several_images_equal_encode_prompts(policy):
     import inspect
 
-    from pebr.row_limits import prompt_tokens
+    from pebr.model.context_limits import prompt_tokens
 
     if "num_images" not in inspect.signature(policy.prompt_text).parameters:
         pytest.skip("Policy.encode_prompts takes one image per prompt here")
@@ -212,7 +212,7 @@ def test_prompt_tokens_several_images_equal_encode_prompts(policy):
 
 
 def test_drop_overlong_drops_long_prompts_and_keeps_normal_ones(policy):
-    from pebr.row_limits import drop_overlong, max_positions
+    from pebr.model.context_limits import drop_overlong, max_positions
 
     rng = random.Random()
     limit = max_positions(policy.model)
@@ -233,7 +233,7 @@ def test_drop_overlong_drops_long_prompts_and_keeps_normal_ones(policy):
 
 
 def test_reference_responses_count_for_warm_up(policy):
-    from pebr.row_limits import drop_overlong
+    from pebr.model.context_limits import drop_overlong
 
     rng = random.Random()
     items = generate_items(2, seed=rng.randrange(1000))
@@ -245,7 +245,7 @@ def test_reference_responses_count_for_warm_up(policy):
 
 
 def test_text_only_policy_counts_like_the_full_one(policy, tmp_path):
-    from pebr.row_limits import max_positions, prompt_tokens, text_only_policy
+    from pebr.model.context_limits import max_positions, prompt_tokens, text_only_policy
 
     policy.save(tmp_path / "p")
     light = text_only_policy(tmp_path / "p")

@@ -1,4 +1,4 @@
-"""The difficulty knob of the built-in world (pebr.scenes.Difficulty, --difficulty): each level
+"""The difficulty knob of the built-in world (pebr.data.scenes.Difficulty, --difficulty): each level
 keeps its scenes inside its ranges and palette, answers stay exact, the standard level is the
 world every earlier figure was measured on (the same items, bit for bit), and bad levels raise."""
 import hashlib
@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from pebr.config import DIFFICULTY_LEVELS, preset
-from pebr.scenes import COLOURS, DIFFICULTIES, Difficulty, Scene, random_scene
-from pebr.tasks import REASONING_TASKS, TASK_TYPES, generate_items
+from pebr.recipe.config import DIFFICULTY_LEVELS, preset
+from pebr.data.scenes import COLOURS, DIFFICULTIES, Difficulty, Scene, random_scene
+from pebr.data.tasks import REASONING_TASKS, TASK_TYPES, generate_items
 
 from tests.test_scenes_tasks import _solve
 
@@ -82,7 +82,8 @@ def test_every_entry_point_takes_the_level():
     import dataclasses
 
     from pebr import eval as pebr_eval
-    from pebr import experiment, sample, stages
+    from pebr import experiment, sample
+    from pebr.recipe import stages
 
     cfg = dataclasses.replace(preset("tiny", 1), difficulty="simple")
     cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, num_items=4),
@@ -102,7 +103,7 @@ def test_every_entry_point_takes_the_level():
 def test_trained_difficulty_read_from_the_checkpoint(tmp_path):
     import json
 
-    from pebr.checkpoint import trained_difficulty
+    from pebr.run.checkpoint import trained_difficulty
 
     ckpt = tmp_path / "step_0000001"
     ckpt.mkdir()

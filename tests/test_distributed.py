@@ -19,12 +19,12 @@ import time
 import pytest
 import torch
 
-from pebr import config as C
-from pebr.distributed import World
-from pebr.grpo_trainer import GRPOTrainer
-from pebr.policy import build_tiny_policy
-from pebr.rollout import generate_rollouts
-from pebr.tasks import generate_items
+from pebr.recipe import config as C
+from pebr.run.distributed import World
+from pebr.trainers.grpo import GRPOTrainer
+from pebr.model.policy import build_tiny_policy
+from pebr.rollout.hf_engine import generate_rollouts
+from pebr.data.tasks import generate_items
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist", "update_worker.py")

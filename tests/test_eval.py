@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pebr import eval as pebr_eval
-from pebr.policy import build_tiny_policy
-from pebr.stats import wilson_interval
-from pebr.tasks import TASK_TYPES, generate_items
+from pebr.model.policy import build_tiny_policy
+from pebr.report.stats import wilson_interval
+from pebr.data.tasks import TASK_TYPES, generate_items
 
 FAST = ["--num-items", "6", "--max-new-tokens", "4", "--device", "cpu"]
 
@@ -46,7 +46,7 @@ def test_summary_of_hand_made_records():
         assert (g["n"], g["correct"], g["kind"]) == (len(mine), sum(mine), t.split("/")[0])
     for k, g in s["by_kind"].items():
         assert g["n"] == sum(r["task_type"].startswith(k + "/") for r in records)
-    # 3 of 10 correct: the interval written out (Wilson 1927), not read back from pebr.stats.
+    # 3 of 10 correct: the interval written out (Wilson 1927), not read back from pebr.report.stats.
     s = pebr_eval.summarize([{"task_type": "reasoning/x", "kind": "reasoning", "correct": i < 3, "format": 1.0}
                              for i in range(10)])
     assert (s["correct"], s["n"], s["accuracy"]) == (3, 10, 0.3)

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from pebr import experiment
-from pebr.checkpoint import Checkpointer, load_trainer_state
-from pebr.metrics_log import read_metrics
+from pebr.run.checkpoint import Checkpointer, load_trainer_state
+from pebr.run.metrics_log import read_metrics
 
 TOY = ["--seeds", "2", "--steps", "2", "--eval-items", "8", "--sft-items", "16", "--sft-epochs", "1",
        "--sft-batch", "16", "--sampling-items", "8", "--sampling-k", "2", "-n", "2", "--rollout-batch", "2",

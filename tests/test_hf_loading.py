@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pebr.policy import build_tiny_policy
+from pebr.model.policy import build_tiny_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def _run_readme(markers, saved, tmp_path) -> dict:
     assert result.returncode == 0, result.stderr[-4000:]
     dump = torch.load(out)
     assert dump["new_tokens"] >= 1
-    # Same prompt as training's: the README's instruction is pebr.prompts' and its template the folder's.
+    # Same prompt as training's: the README's instruction is pebr.data.prompts' and its template the folder's.
     with Image.open(image_path) as im:
         batch = policy.encode_prompts([im.convert("RGB")], [dump["question"]])
     got = dump["inputs"]

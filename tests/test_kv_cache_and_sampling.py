@@ -1,7 +1,7 @@
-"""The rollout's decode loop: pebr.kv_cache.PreallocatedLayer (keys/values written in place, not
+"""The rollout's decode loop: pebr.rollout.kv_cache.PreallocatedLayer (keys/values written in place, not
 grown by torch.cat) holds exactly what transformers' DynamicLayer holds through any sequence of
 updates, crops and batch changes, and generates the same tokens; the Gumbel-max draw of
-pebr.rollout._RecordLogprobs samples softmax(scores / T) (a chi-square test against the exact
+pebr.rollout.hf_engine._RecordLogprobs samples softmax(scores / T) (a chi-square test against the exact
 probabilities, which a sampler off by a temperature factor fails)."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ if not hasattr(transformers_cache, "DynamicLayer"):
     pytest.skip("this transformers has no per-layer caches", allow_module_level=True)
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
-from pebr.kv_cache import PreallocatedLayer, preallocate  # noqa: E402
-from pebr.rollout import _RecordLogprobs  # noqa: E402
+from pebr.rollout.kv_cache import PreallocatedLayer, preallocate  # noqa: E402
+from pebr.rollout.hf_engine import _RecordLogprobs  # noqa: E402
 
 
 def _kv(B, H, S, D, g):
@@ -66,9 +66,9 @@ def test_preallocate_replaces_only_filled_dynamic_layers():
 
 def test_generate_with_preallocated_cache_matches(monkeypatch):
     """A greedy shared-prefix rollout gives the same tokens and log-probs with and without it."""
-    from pebr import rollout
-    from pebr.policy import build_tiny_policy
-    from pebr.tasks import generate_items
+    from pebr.rollout import hf_engine as rollout
+    from pebr.model.policy import build_tiny_policy
+    from pebr.data.tasks import generate_items
 
     policy = build_tiny_policy(seed=3)
     items = generate_items(3, seed=random.randrange(10**6))

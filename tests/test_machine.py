@@ -1,11 +1,11 @@
-"""pebr.machine: the one line that names the CPU, its vector path and the engine's kernel path."""
+"""pebr.run.machine: the one line that names the CPU, its vector path and the engine's kernel path."""
 import os
 import subprocess
 import sys
 
 import torch
 
-from pebr import machine
+from pebr.run import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def test_describe_names_cpu_threads_isa_and_torch():
 
 def test_a_capped_isa_shows_in_the_line():
     """ATEN_CPU_CAPABILITY=default caps ATen and the engine's kernels alike: the line says so."""
-    code = "from pebr.machine import describe; print(describe())"
+    code = "from pebr.run.machine import describe; print(describe())"
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=ROOT)
     line = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()

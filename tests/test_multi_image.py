@@ -8,16 +8,16 @@ import itertools
 import pytest
 import torch
 
-from pebr import config as C
+from pebr.recipe import config as C
 from pebr import rewards as R
-from pebr import tasks
-from pebr.distributed import World
-from pebr.grpo_trainer import GRPOTrainer
-from pebr.logprobs import image_features, response_logprobs
-from pebr.policy import build_tiny_policy
-from pebr.prompts import build_prompt
-from pebr.rollout import generate_rollouts
-from pebr.tokenizer import special_ids
+from pebr.data import tasks
+from pebr.run.distributed import World
+from pebr.trainers.grpo import GRPOTrainer
+from pebr.model.forward import image_features, response_logprobs
+from pebr.model.policy import build_tiny_policy
+from pebr.data.prompts import build_prompt
+from pebr.rollout.hf_engine import generate_rollouts
+from pebr.model.tokenizer import special_ids
 
 # Sizes that are multiples of 28 inside the tiny policy's pixel bounds (56*56 .. 112*112), so the
 # expected grid is [1, H/14, W/14] and the token count (H/28) * (W/28): 4, 6, 8 and 16 tokens.
@@ -148,7 +148,7 @@ def test_batched_logprobs_equal_alone(policy, items):
 
 def test_sft_batch_of_multi_image_items(policy, items):
     """Warm-up SFT's batch carries each row's image count; its log-probs equal the item's alone."""
-    from pebr.sft import make_sft_batch
+    from pebr.trainers.sft import make_sft_batch
 
     def nll(b):
         with torch.no_grad():

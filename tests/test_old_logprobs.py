@@ -1,4 +1,4 @@
-"""Old log-probs of a GRPO step with several updates (pebr.grpo_trainer.GRPOTrainer.old_logprobs).
+"""Old log-probs of a GRPO step with several updates (pebr.trainers.grpo.GRPOTrainer.old_logprobs).
 
 - `old_logprobs="rollout"`: the first step that needs them recomputes once, finds the sampler's
   equal (fp32, the recorder's log-softmax over the whole vocabulary) and from then on takes the
@@ -12,12 +12,12 @@ import random
 
 import torch
 
-from pebr import config as C
-from pebr.distributed import World
-from pebr.grpo_trainer import ROLLOUT_OLD_LOGP_TOL, GRPOTrainer
-from pebr.policy import build_tiny_policy
-from pebr.rollout import generate_rollouts
-from pebr.tasks import generate_items
+from pebr.recipe import config as C
+from pebr.run.distributed import World
+from pebr.trainers.grpo import ROLLOUT_OLD_LOGP_TOL, GRPOTrainer
+from pebr.model.policy import build_tiny_policy
+from pebr.rollout.hf_engine import generate_rollouts
+from pebr.data.tasks import generate_items
 
 # 4 prompts x n = 2 in two mini-batches of 2 prompts: two updates a step, so old log-probs are needed
 CFG = dict(group_size=2, rollout_batch=4, mini_batch=2, micro_batch=4, max_new_tokens=10, kl_coef=0.05, lr=1e-3,

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pebr import config as C
+from pebr.recipe import config as C
 from pebr import eval as pebr_eval
 from pebr import sample as pebr_sample
-from pebr import tasks, train
-from pebr.checkpoint import Checkpointer
-from pebr.metrics_log import read_metrics
+from pebr import train
+from pebr.data import tasks
+from pebr.run.checkpoint import Checkpointer
+from pebr.run.metrics_log import read_metrics
 
 GRPO_MICRO = ["-n", "2", "--rollout-batch", "2", "--micro-batch", "4", "--max-new-tokens", "12", "--sampling-items", "6",
               "--sampling-k", "2", "--no-progress", "--max-steps", "2", "--save-every", "1"]
@@ -35,7 +36,7 @@ def test_stage0_writes_a_policy(out):
     assert latest and os.path.isfile(os.path.join(latest, "model.safetensors"))
     (m,) = read_metrics(str(out / "stage0" / "metrics.jsonl"))
     assert m["step"] == 1 and m["loss"] > 0
-    # the log names the machine its step times come from (pebr.machine)
+    # the log names the machine its step times come from (pebr.run.machine)
     assert re.search(r"machine: .+ threads, ATen capability \w+, engine CPU kernels", (out / "stage0" / "train.log").read_text())
 
 
@@ -81,7 +82,7 @@ def test_sample_and_eval_clis(out, tmp_path, capsys):
 
 
 def test_bad_rows_are_skipped_and_reported(out, tmp_path):
-    from pebr.data import save_records
+    from pebr.data.records import save_records
 
     path = str(tmp_path / "data.jsonl")
     save_records(tasks.generate_items(4, seed=11), path)
@@ -119,8 +120,8 @@ def test_non_finite_gradient_skips_the_update(tmp_path):
 
     import torch
 
-    from pebr.grpo_trainer import GRPOTrainer
-    from pebr.policy import build_tiny_policy
+    from pebr.trainers.grpo import GRPOTrainer
+    from pebr.model.policy import build_tiny_policy
 
     policy = build_tiny_policy(seed=0)
     cfg = dataclasses.replace(C.preset("tiny", 1), group_size=2, rollout_batch=2, mini_batch=2, micro_batch=4,
@@ -163,7 +164,7 @@ def test_first_stage1_uses_the_sft_flags_and_says_what_runs_first(tmp_path):
 
 
 def test_model_accepts_stage_and_checkpoints_folders(out, tmp_path, capsys):
-    from pebr.checkpoint import resolve_model_path
+    from pebr.run.checkpoint import resolve_model_path
 
     latest = Checkpointer(out / "stage0" / "checkpoints").latest()
     for given in (out / "stage0", out / "stage0" / "checkpoints", out / "stage0" / "checkpoints" / "latest", latest):
@@ -194,7 +195,7 @@ def test_dataset_level_sampling_is_reproducible(out, tmp_path):
     """The same records, model and seed give the same rollouts and splits, whatever the RNG held before."""
     import torch
 
-    from pebr.stages import ensure_sampling, load_items
+    from pebr.recipe.stages import ensure_sampling, load_items
 
     model = Checkpointer(out / "stage0" / "checkpoints").latest()
     texts = []
@@ -214,7 +215,7 @@ def test_dataset_level_sampling_is_reproducible(out, tmp_path):
 def test_sample_writes_the_cache_train_reuses_only_when_settings_match(out, tmp_path):
     """pebr.sample --output-dir OUT: reads OUT/stage0, writes OUT/sampling; pebr.train reuses it only at
     the same temperature, top_p and max_new_tokens."""
-    from pebr.stages import ensure_sampling, load_items
+    from pebr.recipe.stages import ensure_sampling, load_items
 
     run = tmp_path / "run"
     run.mkdir()
@@ -241,7 +242,7 @@ def test_sample_with_the_preset_draws_what_training_drew(out, tmp_path):
     """`pebr.sample --preset tiny` (pool seed, run seed, temperature, top-p, budget from the preset) writes
     the rollouts a default stage-1 run's sampling writes, token for token (a fresh-clone walkthrough
     found the paper-default pebr.sample splitting 80/48 where training had 88/40)."""
-    from pebr.stages import ensure_sampling, load_items
+    from pebr.recipe.stages import ensure_sampling, load_items
 
     cfg = _sampling_cfg(tmp_path / "train", max_new_tokens=C.preset("tiny", 1).max_new_tokens)
     model = Checkpointer(out / "stage0" / "checkpoints").latest()
@@ -257,7 +258,7 @@ def test_sampling_cache_reused_through_a_symlinked_stage0(out, tmp_path):
     is reused, not drawn again (the cache compares real paths)."""
     import shutil
 
-    from pebr.stages import ensure_sampling, load_items
+    from pebr.recipe.stages import ensure_sampling, load_items
 
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()

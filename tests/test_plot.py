@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pebr.metrics_log import MetricsLog, read_metrics
+from pebr.run.metrics_log import MetricsLog, read_metrics
 from pebr.plot import _matching_keys, main, plot_metrics
 
 matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def _panels(fig) -> dict:
 
 
 def _sft_stage(folder, n, rng):
-    # the keys pebr.sft.SFTTrainer.train_step logs (+ trainer.step_metrics, world_size)
+    # the keys pebr.trainers.sft.SFTTrainer.train_step logs (+ trainer.step_metrics, world_size)
     with MetricsLog(os.path.join(folder, "metrics.jsonl")) as log:
         for s in range(1, n + 1):
             log.log(s, {"loss": 6.0 / s + rng.random(), "grad_norm": rng.random(), "skipped": 0, "epoch": 0,
@@ -132,7 +132,7 @@ def _sft_stage(folder, n, rng):
 
 
 def _grpo_stage(folder, n, rng):
-    # the keys pebr.grpo_trainer.GRPOTrainer.train_step logs (a subset)
+    # the keys pebr.trainers.grpo.GRPOTrainer.train_step logs (a subset)
     with MetricsLog(os.path.join(folder, "metrics.jsonl")) as log:
         for s in range(1, n + 1):
             log.log(s, {"epoch": 0, "reward/overall": rng.random(), "accuracy": rng.random(), "response_length": 70.0,

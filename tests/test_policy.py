@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from pebr import tasks
-from pebr.logprobs import image_features, response_logprobs
-from pebr.policy import build_tiny_policy, left_pad, load_policy
-from pebr.rollout import generate_rollouts, response_mask_from
-from pebr.tokenizer import SPECIAL_TOKENS, build_tokenizer, special_ids
+from pebr.data import tasks
+from pebr.model.forward import image_features, response_logprobs
+from pebr.model.policy import build_tiny_policy, left_pad, load_policy
+from pebr.rollout.hf_engine import generate_rollouts, response_mask_from
+from pebr.model.tokenizer import SPECIAL_TOKENS, build_tokenizer, special_ids
 
 
 @pytest.fixture(scope="module")

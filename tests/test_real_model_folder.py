@@ -6,8 +6,8 @@ import os
 import torch
 
 from pebr import train
-from pebr.checkpoint import Checkpointer
-from pebr.metrics_log import read_metrics
+from pebr.run.checkpoint import Checkpointer
+from pebr.run.metrics_log import read_metrics
 
 
 def _transformers_folder(path) -> None:

@@ -10,9 +10,9 @@ import torch
 
 from pebr import rewards as R
 from pebr.rewards import answer as A
-from pebr.prompts import ANSWER_HEADER, format_response
-from pebr.scenes import COLOURS, SHAPES, Scene
-from pebr.tasks import generate_items
+from pebr.data.prompts import ANSWER_HEADER, format_response
+from pebr.data.scenes import COLOURS, SHAPES, Scene
+from pebr.data.tasks import generate_items
 
 # The paper's layout (Mulberry): headers on their own lines, blank lines between sections.
 PAPER_RESPONSE = """### Image Description:
@@ -386,7 +386,7 @@ def test_fuzz_header_soup_stays_in_range():
 
 @pytest.mark.parametrize("style", ["short", "full"])
 def test_prompt_asks_for_every_section(style):
-    from pebr.prompts import REQUIRED_HEADERS, STEP_BY_STEP_HEADER, build_prompt
+    from pebr.data.prompts import REQUIRED_HEADERS, STEP_BY_STEP_HEADER, build_prompt
 
     prompt = build_prompt("<image>What colour is the  circle?", style=style)
     assert "<image>" not in prompt and "What colour is the circle?" in prompt

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pebr import rewards as R
-from pebr.scenes import COLOURS, SHAPES
-from pebr.tasks import generate_items
+from pebr.data.scenes import COLOURS, SHAPES
+from pebr.data.tasks import generate_items
 from test_rewards import PAPER_RESPONSE, _with_description
 
 

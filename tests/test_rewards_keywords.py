@@ -9,9 +9,9 @@ import random
 import pytest
 
 from pebr import rewards as R
-from pebr.prompts import format_response
-from pebr.scenes import COLOURS, SHAPES
-from pebr.tasks import generate_items
+from pebr.data.prompts import format_response
+from pebr.data.scenes import COLOURS, SHAPES
+from pebr.data.tasks import generate_items
 
 _SEED = int.from_bytes(os.urandom(4), "little")
 VOCABULARY = [*COLOURS, *SHAPES, "digit", "digits", "bar", "bars", *map(str, range(10))]

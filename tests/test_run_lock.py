@@ -1,4 +1,4 @@
-"""One run per folder (pebr.run_lock): a second process is refused with the first's pid, host,
+"""One run per folder (pebr.run.lock): a second process is refused with the first's pid, host,
 start time and command; a lock left by a SIGKILLed run is taken over; without flock the pid
 check does the same; under torchrun only rank 0 locks and the others follow its answer; and
 `python -m pebr.train` twice on one --output-dir: the second stops at once, the first's files
@@ -14,16 +14,16 @@ import uuid
 
 import pytest
 
-from pebr import run_lock
-from pebr.run_lock import LOCK_FILE, RunLock, RunLockError, hold
+from pebr.run import lock as run_lock
+from pebr.run.lock import LOCK_FILE, RunLock, RunLockError, hold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 # Holds the lock of argv[1] until its stdin closes (or it is killed); says "held" once it has it.
-HOLDER = ("import sys; from pebr.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+HOLDER = ("import sys; from pebr.run.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
           "print('held', flush=True); sys.stdin.read()")
-TAKER = ("import sys; from pebr.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('taken', flush=True)")
+TAKER = ("import sys; from pebr.run.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('taken', flush=True)")
 
 
 def _holder(folder, tag):
@@ -93,7 +93,7 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
         lock = RunLock(folder, log=said.append).acquire()
         assert said and f"pid {dead.pid} " in said[0]
         assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
-        other = subprocess.run([sys.executable, "-c", "import sys; from pebr import run_lock; run_lock.fcntl = None; "
+        other = subprocess.run([sys.executable, "-c", "import sys; from pebr.run import lock as run_lock; run_lock.fcntl = None; "
                                 "run_lock.RunLock(sys.argv[1]).acquire()", str(folder)],
                                capture_output=True, text=True, env=ENV, timeout=60)
         assert other.returncode == 1 and f"pid {os.getpid()} " in other.stderr  # this live process holds it
@@ -139,7 +139,7 @@ def test_two_training_runs_on_one_output_dir(tmp_path):
     """A second pebr.train run on a folder in use stops at once naming the first; the first's
     metrics stay; after SIGKILL of the first, --resume takes its lock over and finishes."""
     from pebr import train
-    from pebr.checkpoint import Checkpointer, load_trainer_state
+    from pebr.run.checkpoint import Checkpointer, load_trainer_state
 
     out = tmp_path / "run"
     args = ["--stage", "0", "--output-dir", str(out), "--no-progress", "--sft-items", "16", "--sft-batch", "2",

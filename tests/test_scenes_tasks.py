@@ -6,8 +6,8 @@ from collections import Counter, deque
 import numpy as np
 import pytest
 
-from pebr import prompts
-from pebr.scenes import (
+from pebr.data import prompts
+from pebr.data.scenes import (
     COLOURS,
     MAX_BAR_VALUE,
     Scene,
@@ -17,7 +17,7 @@ from pebr.scenes import (
     random_scene,
     render,
 )
-from pebr.tasks import PERCEPTION_TASKS, REASONING_TASKS, TASK_TYPES, generate_items
+from pebr.data.tasks import PERCEPTION_TASKS, REASONING_TASKS, TASK_TYPES, generate_items
 
 
 def _solve(task_type: str, problem: str, scene: Scene) -> str:
@@ -222,7 +222,7 @@ def test_scene_from_dict_rejects(bad):
 
 @pytest.mark.parametrize("size", [112, 224])
 def test_every_shape_with_a_digit_renders_both(size):
-    from pebr.scenes import SHAPES, _digit_box, _pixel_geometry
+    from pebr.data.scenes import SHAPES, _digit_box, _pixel_geometry
 
     objects = [{"shape": s, "colour": c, "col": i % 3, "row": i // 3, "digit": 8}
                for i, (s, c) in enumerate(zip(SHAPES, ["red", "yellow", "blue", "orange"]))]

@@ -1,4 +1,4 @@
-"""pebr.stats: Wilson's interval against the textbook quadratic and published values; Student's t
+"""pebr.report.stats: Wilson's interval against the textbook quadratic and published values; Student's t
 quantiles against tables and the closed-form CDFs of 1 and 2 degrees of freedom; McNemar's exact
 test against the binomial tail enumerated in rationals."""
 import math
@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from pebr.stats import mcnemar_exact, mean_interval, normal_quantile, t_cdf, t_quantile, wilson_interval
+from pebr.report.stats import mcnemar_exact, mean_interval, normal_quantile, t_cdf, t_quantile, wilson_interval
 
 # Two-sided normal quantiles, written out (not computed by the code under test).
 Z = {0.90: 1.6448536269514722, 0.95: 1.959963984540054, 0.99: 2.5758293035489004}

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from pebr import config as C
-from pebr import metrics_log, train
-from pebr.metrics_log import MetricsLog, check_tensorboard, read_metrics
+from pebr.recipe import config as C
+from pebr import train
+from pebr.run import metrics_log
+from pebr.run.metrics_log import MetricsLog, check_tensorboard, read_metrics
 
 
 class FakeWriter:

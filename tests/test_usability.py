@@ -8,9 +8,9 @@ import torch
 from pebr import eval as pebr_eval
 from pebr import sample as pebr_sample
 from pebr import train
-from pebr.cli import check_device
-from pebr.stages import grpo_summary
-from pebr.trainer import Trainer
+from pebr.run.cli import check_device
+from pebr.recipe.stages import grpo_summary
+from pebr.trainers.base import Trainer
 
 MAINS = [(train.main, ["--stage", "1"]), (pebr_sample.main, []), (pebr_eval.main, ["--model", "m"])]
 
@@ -57,7 +57,7 @@ def test_step_line_is_compact_and_names_what_is_there():
 
 
 def test_format_duration():
-    from pebr.trainer import format_duration
+    from pebr.trainers.base import format_duration
 
     assert [format_duration(x) for x in (0, 7.3, 59.6, 125, 3599, 3725, -4)] == \
         ["0s", "7s", "1m00s", "2m05s", "59m59s", "1h02m", "0s"]

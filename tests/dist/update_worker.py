@@ -14,13 +14,13 @@ import tempfile
 
 import torch
 
-from pebr import config as C
-from pebr.distributed import World, init_world
-from pebr.fsdp import full_state_dict
-from pebr.grpo_trainer import GRPOTrainer
-from pebr.policy import build_tiny_policy
-from pebr.rollout import generate_rollouts
-from pebr.tasks import generate_items
+from pebr.recipe import config as C
+from pebr.run.distributed import World, init_world
+from pebr.run.fsdp import full_state_dict
+from pebr.trainers.grpo import GRPOTrainer
+from pebr.model.policy import build_tiny_policy
+from pebr.rollout.hf_engine import generate_rollouts
+from pebr.data.tasks import generate_items
 
 
 def main(out_path: str, loss_agg: str) -> None:

@@ -99,11 +99,11 @@ def drop_overlong(items: list, policy, *, max_new_tokens: int, reference: bool =
 def text_only_policy(path: str | os.PathLike):
     """The Policy at HF folder `path` without its weights (config, tokenizer, preprocessor): what
     `drop_overlong` needs, for a stage that loads the full model only later. The tokenizer is set
-    up as `pebr.policy.load_policy` sets it up (`load_tokenizer`)."""
+    up as `pebr.model.policy.load_policy` sets it up (`load_tokenizer`)."""
     from transformers import AutoConfig
 
-    from pebr.images import ImageEncoder
-    from pebr.policy import Policy, load_tokenizer
+    from pebr.model.image_encoder import ImageEncoder
+    from pebr.model.policy import Policy, load_tokenizer
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):

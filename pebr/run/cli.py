@@ -1,4 +1,4 @@
-"""Command-line flags generated from the config dataclasses (`pebr.config`), so a field's type,
+"""Command-line flags generated from the config dataclasses (`pebr.recipe.config`), so a field's type,
 choices and reason are written once.
 
     fields = add_fields(group, C.SFTConfig, shown=cfg.sft, prefix="sft-", aliases={"num_items": ["--sft-items"]})

@@ -4,7 +4,7 @@ transformers' `DynamicLayer.update` appends each decode step's keys and values w
 `torch.cat`, which copies the whole cache every step: for a rollout of 128 rows that decodes 96
 tokens after a 73-token prompt, `aten::cat` was 70% of `generate`'s CPU time under the torch
 profiler (Xeon AVX-512, 1 thread; the profiler inflates it: without it, this layer and the
-Gumbel-max draw of pebr/rollout.py together cut the rollout's time per decoded token by about
+Gumbel-max draw of pebr/rollout/hf_engine.py together cut the rollout's time per decoded token by about
 10%, bench/RESULTS.md). `PreallocatedLayer` keeps each layer's keys and values
 in one buffer sized for the prompt plus the response budget and hands attention a view of the
 filled part: the same values, in the same order, so the tokens sampled are unchanged.

@@ -94,9 +94,10 @@ def build_tokenizer(*, corpus: Iterable[str] = (), vocab_size: int = 768, min_fr
 
 
 def default_corpus(*, n_items: int = 600, seed: int = 12345) -> list[str]:
-    """Prompts and reference responses of procedural tasks (`pebr.tasks`): the text the tiny policy
+    """Prompts and reference responses of procedural tasks (`pebr.data.tasks`): the text the tiny policy
     reads and writes. Uses a seed of its own so the tokenizer does not depend on a training run."""
-    from pebr import prompts, tasks
+    from pebr.data import prompts
+    from pebr.data import tasks
 
     texts = []
     for kind in ("perception", "reasoning"):

@@ -5,8 +5,8 @@
         -> minibatch_step()      zero grads, accumulate the micro-batches, clip, AdamW step
           -> forward_backward_step()   one micro-batch's loss and backward (subclass)
 
-Data parallelism (torchrun): each rank holds its share of every mini-batch (pebr.distributed).
-The policy is sharded with FSDP2 (pebr.fsdp) and every computation with it runs through
+Data parallelism (torchrun): each rank holds its share of every mini-batch (pebr.run.distributed).
+The policy is sharded with FSDP2 (pebr.run.fsdp) and every computation with it runs through
 `self.run(fn, ...)`. A micro-batch's loss is scaled by `world_size * local_count / global_count`
 (counts all-reduced before the first backward), so that FSDP's average over ranks of the summed
 micro-batch gradients is the gradient of the whole mini-batch's loss: the W-rank gradient equals
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from pebr.checkpoint import Checkpointer, load_trainer_state, rng_state, set_rng_state
-from pebr.distributed import World
+from pebr.run.checkpoint import Checkpointer, load_trainer_state, rng_state, set_rng_state
+from pebr.run.distributed import World
 
 
 def format_duration(seconds: float) -> str:
@@ -88,7 +88,7 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.runner = None
         if self.world.distributed:
-            from pebr.fsdp import shard_model
+            from pebr.run.fsdp import shard_model
 
             self.runner = shard_model(model, mixed_bf16=cfg.dtype == "bfloat16", cpu_offload=getattr(cfg, "cpu_offload", False))
         self.opt, self.sched = build_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas,

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 
-from pebr.rollout import generate_rollouts
+from pebr.rollout.hf_engine import generate_rollouts
 
 SPLITS = ("easy", "medium", "hard")
 
@@ -49,7 +49,7 @@ def sample_dataset(
 ) -> SamplingResult:
     """Roll every item out k times (groups of k per prompt), grade each response's final answer.
 
-    world: a pebr.distributed.World: each rank rolls out items[rank::world_size] with its own
+    world: a pebr.run.distributed.World: each rank rolls out items[rank::world_size] with its own
     (unsharded) copy of the policy and every rank returns the merged result, in item order."""
     from pebr.rewards import accuracy_reward
 

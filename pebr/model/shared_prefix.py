@@ -5,7 +5,7 @@
                                        image_token_id=tid, temperature=T, return_entropy=True)
 
 Every sequence of a GRPO group repeats its prompt (chat template, image tokens, question). The
-unshared path (`pebr.logprobs.response_logprobs`) runs the decoder over [P*n, L+R]; here the
+unshared path (`pebr.model.forward.response_logprobs`) runs the decoder over [P*n, L+R]; here the
 decoder runs over the P prompts once ([P, L], keeping their keys and values), then over the
 P*n responses ([P*n, R]) attending to their prompt's keys and values. The backward of the
 second pass flows into the cache and from there (through `repeat_interleave`) into the one
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 import engine.ops
-from pebr.logprobs import encoder_outputs
+from pebr.model.forward import encoder_outputs
 
 
 def supports(model) -> str | None:

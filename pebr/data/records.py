@@ -26,7 +26,7 @@ records. Only a missing file, an unknown suffix, a file that is not parquet / JS
 or a .json file that is not UTF-8 raises (one ValueError line naming the path).
 
 Prompt length against the model's context is checked later, with the tokenizer:
-`pebr.row_limits.drop_overlong`.
+`pebr.model.context_limits.drop_overlong`.
 """
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from pebr.prompts import IMAGE_PLACEHOLDER, strip_image_placeholder
-from pebr.tasks import TaskItem
+from pebr.data.prompts import IMAGE_PLACEHOLDER, strip_image_placeholder
+from pebr.data.tasks import TaskItem
 
 KINDS = ("perception", "reasoning")
 _SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
 
 # engine.image.smart_resize (Qwen's processor) raises when max(H, W) / min(H, W) is above this.
 MAX_ASPECT_RATIO = 200
-# The most pixels the processor keeps (pebr.images.ImageEncoder's default max_pixels, Qwen's),
+# The most pixels the processor keeps (pebr.model.image_encoder.ImageEncoder's default max_pixels, Qwen's),
 # times 2 as a margin so the processor still makes the final resize itself: a bigger image is
 # downscaled on load (6 MB kept as RGB instead of 300 MB for a 10000 x 10000 scan). A model whose
 # preprocessor keeps more pixels wants `load_records(..., max_pixels=2 * its max_pixels)`.
@@ -60,7 +60,7 @@ LOAD_MAX_PIXELS = 2 * PROCESSOR_MAX_PIXELS
 # A text field longer than this is not a question but a broken row (a whole document pasted into
 # `problem`): it is skipped before anything tokenizes it. 50k characters are ~12k tokens of a
 # real BPE tokenizer (50k of a byte-level one); the exact bound against the model's context is
-# pebr.row_limits.drop_overlong's.
+# pebr.model.context_limits.drop_overlong's.
 MAX_TEXT_CHARS = 50_000
 
 
@@ -292,7 +292,7 @@ def _scene(record: dict) -> dict | None:
             raise _RowError(f"scene is not valid JSON ({exc.msg})") from exc
     if not isinstance(value, dict):
         raise _RowError("scene must be a dict")
-    from pebr.scenes import Scene
+    from pebr.data.scenes import Scene
 
     try:
         return Scene.from_dict(value).to_dict()

@@ -2,17 +2,17 @@
 
     trainer = GRPOTrainer(cfg, policy=policy, reference=frozen_copy, items=items,
                           reward_fn=fn, run_dir="runs/stage1", init_model="runs/stage0/...", world=world)
-    trainer.train()        # pebr.trainer.Trainer's loop; train_step() -> rollout / score / update
+    trainer.train()        # pebr.trainers.base.Trainer's loop; train_step() -> rollout / score / update
 
 One step: take `rollout_batch` prompts in the global data order, this rank's share of them
-(pebr.distributed.World.share); `rollout` samples n responses each (groups stay together on
+(pebr.run.distributed.World.share); `rollout` samples n responses each (groups stay together on
 their rank, each image is encoded once per prompt); `score` runs the stage's reward;
 `engine.ops.group_advantages` normalizes within each group (no communication: groups are whole);
 `update` runs one `minibatch_step` (one AdamW step) per mini-batch of groups, each accumulating
 micro-batches, with log-probs from `engine.ops.linear_token_logprobs` on the last hidden states
 and the loss from `engine.ops.grpo_loss`. Policy and reference forwards run each group's prompt
 through the decoder once, the n responses attending to its keys and values
-(`pebr.shared_prefix`; `--no-shared-prefix` runs every sequence whole, with the same result).
+(`pebr.model.shared_prefix`; `--no-shared-prefix` runs every sequence whole, with the same result).
 
 Loss normalization is global and independent of the micro-batch split: a micro-batch's
 `grpo_loss` is weighted by its share of the mini-batch's tokens (token-mean) or sequences
@@ -25,7 +25,7 @@ Departures from EasyR1, and why:
   mini_batch and ppo_epochs == 1): they equal the current ones, and grpo_loss uses logp.detach().
 - with several updates per rollout they are the sampler's (`old_logprobs="rollout"`): the
   rollout ran the same policy at the same temperature and recorded log-softmax(logits / T) of
-  every sampled token over the whole vocabulary (pebr/rollout.py), so a policy forward over the
+  every sampled token over the whole vocabulary (pebr/rollout/hf_engine.py), so a policy forward over the
   step's rollouts (a tenth of a tiny step) would compute the same numbers again. The first step
   that needs them recomputes them once and compares: if any real token differs by more than
   ROLLOUT_OLD_LOGP_TOL (a bf16 or other rollout engine can), every later step recomputes, logged.
@@ -45,15 +45,15 @@ import time
 
 import torch
 
-from pebr.checkpoint import DataOrder
-from pebr.logprobs import image_features, response_logprobs
-from pebr.shared_prefix import shared_prefix_logprobs
-from pebr.shared_prefix import supports as shared_prefix_support
-from pebr.rollout import HFRollout, Rollouts, generate_rollouts
-from pebr.trainer import Trainer
+from pebr.run.checkpoint import DataOrder
+from pebr.model.forward import image_features, response_logprobs
+from pebr.model.shared_prefix import shared_prefix_logprobs
+from pebr.model.shared_prefix import supports as shared_prefix_support
+from pebr.rollout.hf_engine import HFRollout, Rollouts, generate_rollouts
+from pebr.trainers.base import Trainer
 
-# Kept importable from here: they lived in this module before pebr/trainer.py, and scripts import them.
-from pebr.trainer import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
+# Kept importable from here: they lived in this module before pebr/trainers/base.py, and scripts import them.
+from pebr.trainers.base import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
 
 # Largest |rollout log-prob - recomputed log-prob| on a real token for which the rollout's are used
 # as old log-probs: exp(1e-3) moves a PPO ratio by 0.1%, far inside its clip (0.2). fp32 on CPU
@@ -81,7 +81,7 @@ class GRPOTrainer(Trainer):
                  log=print, metrics_log=None, world=None):
         """cfg: TrainConfig; policy: the Policy trained in place; reference: a frozen Policy (or None
         when kl_coef == 0); reward_fn(text, item, num_tokens) -> dict with "overall";
-        metrics_log: a `pebr.metrics_log.MetricsLog` (one line per step, written by rank 0)."""
+        metrics_log: a `pebr.run.metrics_log.MetricsLog` (one line per step, written by rank 0)."""
         import engine.ops
 
         super().__init__(cfg, policy=policy, run_dir=run_dir, world=world, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -93,7 +93,7 @@ class GRPOTrainer(Trainer):
         self.device = policy.device
         self.ref_runner = None
         if reference is not None and self.world.distributed:
-            from pebr.fsdp import shard_model
+            from pebr.run.fsdp import shard_model
 
             self.ref_runner = shard_model(reference.model, mixed_bf16=cfg.dtype == "bfloat16",
                                           cpu_offload=getattr(cfg, "cpu_offload", False))
@@ -153,7 +153,7 @@ class GRPOTrainer(Trainer):
 
     def rollout(self, items: list) -> Rollouts:
         cfg = self.cfg
-        from pebr.fsdp import gathered
+        from pebr.run.fsdp import gathered
 
         with gathered(self.runner) if self.runner is not None else contextlib.nullcontext():
             return generate_rollouts(
@@ -198,7 +198,7 @@ class GRPOTrainer(Trainer):
 
         def fn(model):
             feats = image_features(model, sub.prompt.pixel_values, sub.prompt.image_grid_thw)
-            if shared:  # the prompt once per group (pebr/shared_prefix.py); the same result
+            if shared:  # the prompt once per group (pebr/model/shared_prefix.py); the same result
                 return shared_prefix_logprobs(
                     model, sub.prompt.input_ids, sub.prompt.attention_mask, seq[:, L:], resp_mask.to(seq.device),
                     group_size=n, image_feats=feats, image_grid_thw=sub.prompt.image_grid_thw,

@@ -11,7 +11,7 @@ images, n and the sampling settings in; token ids, the sampled tokens' log-probs
 the same method later. Each image is encoded once per prompt: the vision tower runs on the P
 prompts' images (one or more each) and its output reaches the P*n rows through
 `mm_encoder_outputs`. Under FSDP the engine runs with every parameter gathered for the whole
-generation (`pebr.fsdp.gathered`).
+generation (`pebr.run.fsdp.gathered`).
 
 Shared prefix (`HFRollout(shared_prefix=True)`, the default): the whole prompt (chat template,
 image tokens, question) is prefilled once per prompt, not once per response. All but the last
@@ -28,7 +28,7 @@ float rounding in the last prompt token's attention.
 The log-probs are of softmax(logits / T) over the whole vocabulary, before the vision tokens are
 suppressed and before top-p: exactly what the trainer computes for the same policy, so a GRPO
 step that makes several updates takes them as its old log-probs instead of running the policy
-over the rollouts again (`pebr.grpo_trainer`; `rollout_logp_diff` in the metrics measures the
+over the rollouts again (`pebr.trainers.grpo`; `rollout_logp_diff` in the metrics measures the
 gap: float rounding, 5e-8 a token on average in fp32 on the tiny default). The vision tokens are
 never sampled: the recorder sets their scores to -inf after recording (an <|image_pad|> in a
 response would be read as an image slot).
@@ -42,10 +42,10 @@ from typing import Callable, Protocol
 
 import torch
 
-from pebr.kv_cache import preallocate
-from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
-from pebr.policy import Policy, PromptBatch
-from pebr.shared_prefix import supports as shared_prefix_support
+from pebr.rollout.kv_cache import preallocate
+from pebr.model.forward import encoder_outputs, image_features, rows_image_grid
+from pebr.model.policy import Policy, PromptBatch
+from pebr.model.shared_prefix import supports as shared_prefix_support
 
 
 @dataclasses.dataclass
@@ -292,7 +292,7 @@ class HFRollout:
         if n > 1:
             cache.batch_repeat_interleave(n)
         # decode writes into buffers sized for the whole response instead of torch.cat per step
-        # (pebr/kv_cache.py): the last prompt column plus the response budget
+        # (pebr/rollout/kv_cache.py): the last prompt column plus the response budget
         preallocate(cache, extra_tokens=1 + extra_tokens)
         rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
         return {

@@ -5,7 +5,7 @@
 
 Loss: the token-mean negative log-likelihood of each reference response (and its <|im_end|>)
 given the prompt and its images, from `engine.ops.linear_token_logprobs` on the last hidden states.
-The loop, checkpoints and data parallelism are pebr.trainer.Trainer's: one step is one
+The loop, checkpoints and data parallelism are pebr.trainers.base.Trainer's: one step is one
 `minibatch_step` over the batch's micro-batches, each weighted by its share of the batch's
 response tokens counted over every rank.
 """
@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from pebr.checkpoint import DataOrder
-from pebr.logprobs import image_features, response_logprobs
-from pebr.rollout import item_images
-from pebr.trainer import Trainer
+from pebr.run.checkpoint import DataOrder
+from pebr.model.forward import image_features, response_logprobs
+from pebr.rollout.hf_engine import item_images
+from pebr.trainers.base import Trainer
 
 
 @dataclasses.dataclass

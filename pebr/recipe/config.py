@@ -5,14 +5,14 @@
     cfg = dataclasses.replace(cfg, lr=3e-5)    # CLI overrides do this, field by field
 
 Each field's reason is written once, in `opt(default, help)`: the command lines of `pebr.train`,
-`pebr.sample` and `pebr.eval` take their flags, types, choices and help from it (`pebr.cli`).
+`pebr.sample` and `pebr.eval` take their flags, types, choices and help from it (`pebr.run.cli`).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from pebr.scenes import DIFFICULTIES
+from pebr.data.scenes import DIFFICULTIES
 
 DIFFICULTY_LEVELS = tuple(DIFFICULTIES)
 STAGES = (0, 1, 2)
@@ -88,7 +88,7 @@ class TrainConfig:
     preset: str = opt("tiny", "tiny: sized for a 2-core CPU; paper: the paper's values (Qwen2.5-VL-7B on GPUs); see docs/recipe.md")
     model: str | None = opt(None, "HF folder (safetensors) to start from, or a stage folder (OUT/stageK) or checkpoints folder: its latest checkpoint; none: the previous stage's output, or the built-in tiny policy for stage 0")
     data: str | None = opt(None, "JSON/JSONL/parquet records (images, problem, answer, key_words); none: built-in procedural tasks")
-    difficulty: str = opt("standard", "built-in tasks: objects per scene and colours (pebr/scenes.py DIFFICULTIES; ignored with --data)",
+    difficulty: str = opt("standard", "built-in tasks: objects per scene and colours (pebr/data/scenes.py DIFFICULTIES; ignored with --data)",
                           choices=DIFFICULTY_LEVELS)
     output_dir: str = opt("runs", "stage k writes OUT/stage{k}; sampling is cached in OUT/sampling")
     seed: int = opt(0, "seed of model init, data order and sampling")

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from pebr import config as C
-from pebr.distributed import World, seed_all
-from pebr.machine import describe as describe_machine
-from pebr.run_lock import hold
+from pebr.recipe import config as C
+from pebr.run.distributed import World, seed_all
+from pebr.run.machine import describe as describe_machine
+from pebr.run.lock import hold
 
 SFT_SEED = 2  # procedural warm-up items: a pool of their own
 
@@ -55,7 +55,7 @@ def stage_dir(cfg, stage: int | None = None) -> str:
 
 
 def latest_policy_path(cfg, stage: int) -> str | None:
-    from pebr.checkpoint import Checkpointer
+    from pebr.run.checkpoint import Checkpointer
 
     root = os.path.join(stage_dir(cfg, stage), "checkpoints")
     return Checkpointer(root).latest() if os.path.isdir(root) else None
@@ -63,7 +63,7 @@ def latest_policy_path(cfg, stage: int) -> str | None:
 
 def _dtype(cfg, world: World | None = None) -> torch.dtype:
     """The dtype parameters are loaded in. Sharded (FSDP2) runs keep fp32 master weights and
-    compute in bf16 through MixedPrecisionPolicy when --dtype bfloat16 (pebr.fsdp.shard_model)."""
+    compute in bf16 through MixedPrecisionPolicy when --dtype bfloat16 (pebr.run.fsdp.shard_model)."""
     if world is not None and world.distributed:
         return torch.float32
     return getattr(torch, cfg.dtype)
@@ -71,10 +71,10 @@ def _dtype(cfg, world: World | None = None) -> torch.dtype:
 
 def load_items(cfg, *, purpose: str) -> list:
     """--data records (bad rows skipped and reported) or built-in procedural items for `purpose`."""
-    from pebr import tasks
+    from pebr.data import tasks
 
     if cfg.data:
-        from pebr.data import load_records_or_exit
+        from pebr.data.records import load_records_or_exit
 
         res = load_records_or_exit(cfg.data)
         log.info(f"data {cfg.data}: {res.summary()}")
@@ -91,7 +91,7 @@ def load_items(cfg, *, purpose: str) -> list:
 def fit_context(items: list, policy, *, max_new_tokens: int, reference: bool = False) -> list:
     """The items whose prompt (plus the response budget, or the reference response for the
     warm-up) fits the model's positions; the others are dropped, counted and logged."""
-    from pebr.row_limits import drop_overlong
+    from pebr.model.context_limits import drop_overlong
 
     kept, dropped = drop_overlong(items, policy, max_new_tokens=max_new_tokens, reference=reference)
     if dropped:
@@ -105,7 +105,7 @@ def fit_context(items: list, policy, *, max_new_tokens: int, reference: bool = F
 
 def open_metrics_log(sdir: str, *, fresh: bool, world: World | None = None, cfg=None):
     """The stage's metrics.jsonl (rank 0 only; None elsewhere); TensorBoard too with --tensorboard."""
-    from pebr.metrics_log import MetricsLog
+    from pebr.run.metrics_log import MetricsLog
 
     if world is not None and not world.is_main:
         return None
@@ -135,14 +135,14 @@ def run_sft(cfg, world: World | None = None) -> str:
     """Stage 0 -> path of the warm-up policy (OUT/stage0's latest checkpoint)."""
     world = world or World(device=torch.device(cfg.device))
     setup_logging(stage_dir(cfg, 0), world)
-    with hold(stage_dir(cfg, 0), world, log=log.warning):  # one run per stage folder (pebr.run_lock)
+    with hold(stage_dir(cfg, 0), world, log=log.warning):  # one run per stage folder (pebr.run.lock)
         return _run_sft(cfg, world)
 
 
 def _run_sft(cfg, world: World) -> str:
-    from pebr.checkpoint import Checkpointer
-    from pebr.policy import build_tiny_policy, load_policy
-    from pebr.sft import SFTTrainer
+    from pebr.run.checkpoint import Checkpointer
+    from pebr.model.policy import build_tiny_policy, load_policy
+    from pebr.trainers.sft import SFTTrainer
 
     sdir = stage_dir(cfg, 0)
     log.info(describe_machine(world.device))  # step times mean nothing without the CPU and its vector path
@@ -246,8 +246,8 @@ def ensure_sampling(cfg, init_model: str, items: list, world: World | None = Non
 
 
 def _ensure_sampling(cfg, init_model: str, items: list, world: World) -> dict:
-    from pebr.policy import load_policy
-    from pebr.sampling import read_splits, sample_dataset, write_sampling
+    from pebr.model.policy import load_policy
+    from pebr.recipe.splits import read_splits, sample_dataset, write_sampling
 
     folder = os.path.join(cfg.output_dir, "sampling")
     s = cfg.sampling
@@ -331,14 +331,14 @@ def run_grpo(cfg, world: World | None = None) -> str:
     """Stage 1 or 2 -> path of the final checkpoint."""
     world = world or World(device=torch.device(cfg.device))
     setup_logging(stage_dir(cfg), world)
-    with hold(stage_dir(cfg), world, log=log.warning):  # one run per stage folder (pebr.run_lock)
+    with hold(stage_dir(cfg), world, log=log.warning):  # one run per stage folder (pebr.run.lock)
         return _run_grpo(cfg, world)
 
 
 def _run_grpo(cfg, world: World) -> str:
-    from pebr.checkpoint import Checkpointer, load_trainer_state
-    from pebr.grpo_trainer import GRPOTrainer
-    from pebr.policy import load_policy
+    from pebr.run.checkpoint import Checkpointer, load_trainer_state
+    from pebr.trainers.grpo import GRPOTrainer
+    from pebr.model.policy import load_policy
 
     sdir = stage_dir(cfg)
     log.info(describe_machine(world.device))
@@ -347,7 +347,7 @@ def _run_grpo(cfg, world: World) -> str:
     if cfg.resume and not latest:
         log.info(f"--resume: no checkpoint under {ckpts.root}; starting fresh")
     init_model = load_trainer_state(latest)["init_model"] if latest else resolve_init_model(cfg, world)
-    from pebr.row_limits import text_only_policy
+    from pebr.model.context_limits import text_only_policy
 
     items = fit_context(load_items(cfg, purpose="rl"), text_only_policy(init_model), max_new_tokens=cfg.max_new_tokens)
     splits = ensure_sampling(cfg, init_model, items, world)

@@ -1,4 +1,4 @@
-"""Built-in visual tasks with exact answers, made from procedural scenes (`pebr.scenes`).
+"""Built-in visual tasks with exact answers, made from procedural scenes (`pebr.data.scenes`).
 
 Perception items ask for one fact that is in the pixels (a colour, a shape, a count, a digit,
 a position, a bar's value). Reasoning items need several such facts plus arithmetic or a
@@ -19,8 +19,8 @@ from typing import Callable
 
 from PIL import Image
 
-from pebr import prompts
-from pebr.scenes import (
+from pebr.data import prompts
+from pebr.data.scenes import (
     DIFFICULTIES,
     Difficulty,
     Scene,
@@ -299,7 +299,7 @@ def generate_items(
     has task type `types[i % len(types)]`, so every type appears once `n >= len(types)`.
     image_size: side of the square images in pixels (a multiple of 28 suits Qwen2.5-VL).
     task_types: restrict to these types (overrides `kind`).
-    difficulty: objects per scene and colours (pebr.scenes.DIFFICULTIES names: standard, simple).
+    difficulty: objects per scene and colours (pebr.data.scenes.DIFFICULTIES names: standard, simple).
     """
     if int(n) < 0:
         raise ValueError(f"n: expected >= 0, got {n}")

@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from pebr.images import ImageEncoder
-from pebr.prompts import build_prompt
+from pebr.model.image_encoder import ImageEncoder
+from pebr.data.prompts import build_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +212,7 @@ def tiny_config(tokenizer, size: TinySize = TinySize()):
     """A Qwen2_5_VLConfig of `size` whose special-token ids are `tokenizer`'s."""
     from transformers import Qwen2_5_VLConfig
 
-    from pebr.tokenizer import special_ids
+    from pebr.model.tokenizer import special_ids
 
     ids = special_ids(tokenizer)
     mrope = mrope_section(size.hidden_size // size.num_attention_heads)
@@ -253,7 +253,7 @@ def build_tiny_policy(*, seed: int = 0, size: TinySize = TinySize(), corpus=None
     """A random-init tiny Qwen2.5-VL with a BPE tokenizer learned from `corpus` (default: procedural tasks)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pebr.tokenizer import build_tokenizer, default_corpus
+    from pebr.model.tokenizer import build_tokenizer, default_corpus
 
     tok = build_tokenizer(corpus=default_corpus() if corpus is None else corpus, vocab_size=size.vocab_size)
     cfg = tiny_config(tok, size)
@@ -295,7 +295,7 @@ def load_tokenizer(path: str | os.PathLike):
     if tok.pad_token_id is None:
         tok.pad_token = "<|endoftext|>"
     if tok.chat_template is None:
-        from pebr.tokenizer import CHAT_TEMPLATE
+        from pebr.model.tokenizer import CHAT_TEMPLATE
 
         tok.chat_template = CHAT_TEMPLATE
     return tok

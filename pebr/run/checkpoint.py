@@ -217,8 +217,8 @@ class Checkpointer:
         optimizer: saved through torch.distributed.checkpoint; rng: this rank's RNG state. Under
         data parallelism every rank calls this (collectives inside).
         """
-        from pebr.distributed import World
-        from pebr.fsdp import full_state_dict
+        from pebr.run.distributed import World
+        from pebr.run.fsdp import full_state_dict
 
         world = world or World()
         final = self.path(step)
@@ -546,7 +546,7 @@ class DataOrder:
 def trained_difficulty(model: str) -> str:
     """The built-in difficulty `model` (a checkpoint folder) was trained at, from the config its
     trainer_state.json records; "standard" for a folder without one (an HF model, an older run)."""
-    from pebr.config import DIFFICULTY_LEVELS
+    from pebr.recipe.config import DIFFICULTY_LEVELS
 
     try:
         level = load_trainer_state(model).get("config", {}).get("difficulty", "standard")

@@ -1,0 +1,1 @@
+"""See pebr/__init__.py and docs/pebr-map.md."""
