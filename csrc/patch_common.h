@@ -16,10 +16,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace engine_patch {
@@ -79,6 +82,12 @@ inline ImageSet check_images(at::TensorList images, int64_t C, int64_t P, int64_
   return s;
 }
 
+// patchify_embed's upstream grad: [N, D], N = the patch rows of every image.
+inline void check_embed_grad(const at::Tensor& grad, const ImageSet& s, int64_t D) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.total_patches && grad.size(1) == D, "grad must be [N, D] = [", s.total_patches,
+                    ", ", D, "], got ", grad.sizes());
+}
+
 inline void check_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(weight.dim() == 5, "weight must be [D, C, Tp, P, P], got ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(3) == weight.size(4), "weight must be [D, C, Tp, P, P] with square patches, got ", weight.sizes());
@@ -131,6 +140,16 @@ inline at::Tensor unfold_weight_grad(const at::Tensor& gweff, const at::Tensor& 
     gc.mul_(n.a[c]).add_(gs, n.k[c]);
   }
   return g.unsqueeze(2).expand({D, C, Tp, P, P}).to(weight.scalar_type()).contiguous();
+}
+
+// patchify_embed's backward after the device kernel has gathered the centred pixels xc = x - z
+// [N, C*P*P] fp32: one fp32 GEMM gWeff = grad^T xc, then (grad_weight, grad_bias) in weight's dtype.
+inline std::tuple<at::Tensor, at::Tensor> embed_weight_grads(const at::Tensor& grad, const at::Tensor& xc, const at::Tensor& weight,
+                                                             const Norm& n) {
+  const at::Tensor g = grad.to(at::kFloat);
+  const at::Tensor gweff = at::mm(g.t(), xc);
+  const at::Tensor gsum = at::sum(g, {0});
+  return {unfold_weight_grad(gweff, gsum, weight, n), gsum.to(weight.scalar_type())};
 }
 
 }  // namespace engine_patch

@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -161,8 +160,7 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cpu(const Tensor& grad, at::Tensor
   check_cpu(weight);
   const int64_t D = weight.size(0), C = weight.size(1), P = weight.size(3), K = C * P * P;
   const ImageSet s = check_images(images, C, P, merge_size, weight.device());
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.total_patches && grad.size(1) == D, "grad must be [N, D] = [", s.total_patches,
-                    ", ", D, "], got ", grad.sizes());
+  check_embed_grad(grad, s, D);
   const Norm n = make_norm(mean, std, rescale, C);
   const std::vector<Tensor> imgs = contiguous_all(images);
   int64_t max_rows = 0;
@@ -175,10 +173,7 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cpu(const Tensor& grad, at::Tensor
     const std::vector<float> table = byte_table<float>(n);
     for (int64_t i = lo; i < hi; ++i) gather_chunk<float>(imgs[chunks[i].img], chunks[i], s, n, table, xc_p + chunks[i].row0 * K, K);
   });
-  const Tensor g = grad.to(at::kFloat);
-  const Tensor gweff = at::mm(g.t(), xc);
-  const Tensor gsum = at::sum(g, {0});
-  return {unfold_weight_grad(gweff, gsum, weight, n), gsum.to(weight.scalar_type())};
+  return embed_weight_grads(grad, xc, weight, n);
 }
 
 }  // namespace

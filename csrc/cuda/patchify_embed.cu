@@ -10,7 +10,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -97,8 +96,7 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cuda(const Tensor& grad, at::Tenso
   const int64_t D = weight.size(0), C = weight.size(1), P = weight.size(3), K = C * P * P;
   TORCH_CHECK_VALUE(C <= kMaxChannels, "weight must have at most ", kMaxChannels, " channels on CUDA, got ", C);
   const ImageSet s = check_images(images, C, P, merge_size, weight.device());
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.total_patches && grad.size(1) == D, "grad must be [N, D] = [", s.total_patches,
-                    ", ", D, "], got ", grad.sizes());
+  check_embed_grad(grad, s, D);
   const Norm n = make_norm(mean, std, rescale, C);
   const std::vector<Tensor> imgs = contiguous_all(images);
   // one fp32 GEMM grad^T [D, N] @ (x - z) [N, C*P*P] on the centred pixels, gathered once
@@ -108,10 +106,7 @@ std::tuple<Tensor, Tensor> patchify_embed_bwd_cuda(const Tensor& grad, at::Tenso
     const int64_t rows = imgs[i].size(0) * g.gh * g.gw;
     gather_rows(imgs[i], xc.narrow(0, s.first_patch[i], rows), 0, rows, K, g, n, /*ones=*/false);
   }
-  const Tensor gf = grad.to(at::kFloat);
-  const Tensor gweff = at::mm(gf.t(), xc);
-  const Tensor gsum = at::sum(gf, {0});
-  return {unfold_weight_grad(gweff, gsum, weight, n), gsum.to(weight.scalar_type())};
+  return embed_weight_grads(grad, xc, weight, n);
 }
 
 }  // namespace
