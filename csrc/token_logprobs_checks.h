@@ -2,16 +2,20 @@
 // csrc/cuda/token_logprobs.cu, so both backends accept and reject exactly the same inputs with the
 // same messages (as csrc/grpo_math.h does for the GRPO ops). Each backend adds only what is its
 // own: the C++ kernel range-checks ids on the host, the CUDA one caps the rows at one grid.
+// Also the one list of the three kernels' names each backend registers (`register_kernels`).
 // Semantics: docs/ops.md#token_logprobs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace engine_tlp {
 
@@ -31,6 +35,27 @@ inline void check_inputs(const at::Tensor& logits, const at::Tensor& ids, double
   TORCH_CHECK_VALUE(ids.device() == logits.device(), "ids is on ", ids.device(), " but logits is on ", logits.device());
   TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have a non-empty vocabulary dim, got shape ", logits.sizes());
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be positive and finite, got ", temperature);
+}
+
+// logits as the row kernels read them: rows of contiguous entries (a copy only where the last dim is strided).
+inline at::Tensor unit_stride_rows(const at::Tensor& logits) { return logits.stride(1) == 1 ? logits : logits.contiguous(); }
+
+// The in-place backward writes grad_logits over logits, so it cannot copy them to contiguous rows.
+inline void check_inplace(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.stride(1) == 1, "logits must have a contiguous last dim for the in-place backward");
+}
+
+// The forward's fp32 outputs for logits [N, V], uninitialized: logp [N], entropy [N] (or [0] without
+// return_entropy), stats [N, 2] (row max of z, log sum exp(z - max)).
+struct FwdOutputs {
+  at::Tensor logp, entropy, stats;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {logp, entropy, stats}; }
+};
+
+inline FwdOutputs empty_fwd_outputs(const at::Tensor& logits, bool return_entropy) {
+  const int64_t N = logits.size(0);
+  const auto opts = logits.options().dtype(at::kFloat);
+  return {at::empty({N}, opts), at::empty({return_entropy ? N : 0}, opts), at::empty({N, 2}, opts)};
 }
 
 // Upstream grad of a per-row output as a contiguous fp32 [N] on the device of logits (or nullopt).
@@ -58,6 +83,36 @@ inline void check_saved(const at::Tensor& logits, const at::Tensor& stats, const
                       "entropy must be float32 [", N, "] on the device of logits when grad_entropy is given, got ",
                       entropy.sizes());
   }
+}
+
+// The backward's fp32 row inputs, checked and contiguous on the device of logits: stats [N, 2]
+// always; grad_logp [N] where given; grad_entropy [N] and the saved entropy [N] where grad_entropy is
+// given. The others stay undefined, and `data(t)` is then nullptr: the row kernels skip that term.
+struct BwdInputs {
+  at::Tensor stats, entropy, grad_logp, grad_entropy;
+};
+
+inline BwdInputs bwd_inputs(const at::Tensor& logits, const at::Tensor& stats, const at::Tensor& entropy,
+                            const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy) {
+  check_saved(logits, stats, entropy, grad_entropy.has_value() && grad_entropy->defined());
+  BwdInputs in;
+  if (auto g = row_grad(grad_logp, logits, "grad_logp")) in.grad_logp = *g;
+  if (auto g = row_grad(grad_entropy, logits, "grad_entropy")) {
+    in.grad_entropy = *g;
+    in.entropy = entropy.contiguous();
+  }
+  in.stats = stats.contiguous();
+  return in;
+}
+
+inline const float* data(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+
+// A backend's three kernels under the schemas of csrc/ops.cpp (inside its TORCH_LIBRARY_IMPL).
+template <typename Fwd, typename Bwd, typename BwdInplace>
+void register_kernels(torch::Library& m, Fwd* fwd, Bwd* bwd, BwdInplace* bwd_inplace) {
+  m.impl("token_logprobs_fwd", fwd);
+  m.impl("token_logprobs_bwd", bwd);
+  m.impl("token_logprobs_bwd_inplace", bwd_inplace);
 }
 
 }  // namespace engine_tlp

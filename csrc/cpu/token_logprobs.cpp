@@ -89,31 +89,25 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& ids, double 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits_in, const at::Tensor& ids, double temperature, bool return_entropy) {
   at::Tensor ids64 = check_inputs(logits_in, ids, temperature);
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = engine_tlp::unit_stride_rows(logits_in);
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
-  at::Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
+  const engine_tlp::FwdOutputs out = engine_tlp::empty_fwd_outputs(logits, return_entropy);
   TlpFwdArgs a{dtype_code(logits), logits.const_data_ptr(), logits.stride(0), V, ids64.const_data_ptr<int64_t>(),
-               static_cast<float>(temperature), logp.data_ptr<float>(), stats.data_ptr<float>(),
-               return_entropy ? entropy.data_ptr<float>() : nullptr};
+               static_cast<float>(temperature), out.logp.data_ptr<float>(), out.stats.data_ptr<float>(),
+               return_entropy ? out.entropy.data_ptr<float>() : nullptr};
   at::parallel_for(0, N, grain(V), [&](int64_t b, int64_t e) { fwd_rows(a, b, e); });
-  return {logp, entropy, stats};
+  return out.tuple();
 }
 
 void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids64, const at::Tensor& stats,
               const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
               const std::optional<at::Tensor>& grad_entropy, double temperature) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  engine_tlp::check_saved(logits, stats, entropy, grad_entropy.has_value() && grad_entropy->defined());
-  auto g_logp = engine_tlp::row_grad(grad_logp, logits, "grad_logp");
-  auto g_ent = engine_tlp::row_grad(grad_entropy, logits, "grad_entropy");
-  at::Tensor stats_c = stats.contiguous();
-  at::Tensor ent_c = g_ent ? entropy.contiguous() : at::Tensor();
+  const engine_tlp::BwdInputs in = engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy);
+  using engine_tlp::data;
   TlpBwdArgs a{dtype_code(logits), logits.const_data_ptr(), logits.stride(0), grad.data_ptr(), grad.stride(0), V,
-               ids64.const_data_ptr<int64_t>(), static_cast<float>(temperature), stats_c.const_data_ptr<float>(),
-               g_ent ? ent_c.const_data_ptr<float>() : nullptr, g_logp ? g_logp->const_data_ptr<float>() : nullptr,
-               g_ent ? g_ent->const_data_ptr<float>() : nullptr};
+               ids64.const_data_ptr<int64_t>(), static_cast<float>(temperature), data(in.stats), data(in.entropy),
+               data(in.grad_logp), data(in.grad_entropy)};
   at::parallel_for(0, N, grain(V), [&](int64_t b, int64_t e) { bwd_rows(a, b, e); });
 }
 
@@ -121,7 +115,7 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits_in, const at::Tensor&
                                   const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
                                   const std::optional<at::Tensor>& grad_entropy, double temperature) {
   at::Tensor ids64 = check_inputs(logits_in, ids, temperature);
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = engine_tlp::unit_stride_rows(logits_in);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   advise_huge_pages(grad);
   bwd_into(logits, grad, ids64, stats, entropy, grad_logp, grad_entropy, temperature);
@@ -133,7 +127,7 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
                                     const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
                                     const std::optional<at::Tensor>& grad_entropy, double temperature) {
   at::Tensor ids64 = check_inputs(logits, ids, temperature);
-  TORCH_CHECK_VALUE(logits.stride(1) == 1, "logits must have a contiguous last dim for the in-place backward");
+  engine_tlp::check_inplace(logits);
   bwd_into(logits, logits, ids64, stats, entropy, grad_logp, grad_entropy, temperature);
 }
 
@@ -141,9 +135,7 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
 
 #include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
 TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CPU, m) {
-  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
-  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cpu);
-  m.impl("token_logprobs_bwd_inplace", &token_logprobs_bwd_inplace_cpu);
+  engine_tlp::register_kernels(m, &token_logprobs_fwd_cpu, &token_logprobs_bwd_cpu, &token_logprobs_bwd_inplace_cpu);
 }
 
 }  // namespace engine

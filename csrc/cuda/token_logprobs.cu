@@ -210,47 +210,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
     const at::Tensor& logits_in, const at::Tensor& ids, double temperature, bool return_entropy) {
   check_inputs(logits_in, ids, temperature);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = engine_tlp::unit_stride_rows(logits_in);
   const at::Tensor ids64 = ids.to(at::kLong).contiguous();
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
-  at::Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
-  if (N == 0) return {logp, entropy, stats};
+  const engine_tlp::FwdOutputs out = engine_tlp::empty_fwd_outputs(logits, return_entropy);
+  if (N == 0) return out.tuple();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_fwd_cuda", [&] {
     with_threads(V, [&](auto threads) {
       constexpr int kThreads = decltype(threads)::value;
       token_logprobs_fwd_kernel<scalar_t, kThreads><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), logits.stride(0), V, ids64.const_data_ptr<int64_t>(),
-          static_cast<float>(temperature), logp.data_ptr<float>(), return_entropy ? entropy.data_ptr<float>() : nullptr,
-          stats.data_ptr<float>());
+          static_cast<float>(temperature), out.logp.data_ptr<float>(), return_entropy ? out.entropy.data_ptr<float>() : nullptr,
+          out.stats.data_ptr<float>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {logp, entropy, stats};
+  return out.tuple();
 }
 
 void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids, const at::Tensor& stats,
               const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
               const std::optional<at::Tensor>& grad_entropy, double temperature) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  engine_tlp::check_saved(logits, stats, entropy, grad_entropy.has_value() && grad_entropy->defined());
-  auto g_logp = engine_tlp::row_grad(grad_logp, logits, "grad_logp");
-  auto g_ent = engine_tlp::row_grad(grad_entropy, logits, "grad_entropy");
+  const engine_tlp::BwdInputs in = engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy);
   if (N == 0) return;
   const at::Tensor ids64 = ids.to(at::kLong).contiguous();
-  const at::Tensor stats_c = stats.contiguous();
-  const at::Tensor ent_c = g_ent ? entropy.contiguous() : at::Tensor();
+  using engine_tlp::data;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_cuda", [&] {
     with_threads(V, [&](auto threads) {
       constexpr int kThreads = decltype(threads)::value;
       token_logprobs_bwd_kernel<scalar_t, kThreads><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), logits.stride(0), grad.data_ptr<scalar_t>(), grad.stride(0), V,
-          ids64.const_data_ptr<int64_t>(), static_cast<float>(temperature), stats_c.const_data_ptr<float>(),
-          g_ent ? ent_c.const_data_ptr<float>() : nullptr, g_logp ? g_logp->const_data_ptr<float>() : nullptr,
-          g_ent ? g_ent->const_data_ptr<float>() : nullptr);
+          ids64.const_data_ptr<int64_t>(), static_cast<float>(temperature), data(in.stats), data(in.entropy),
+          data(in.grad_logp), data(in.grad_entropy));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -261,7 +255,7 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits_in, const at::Tensor
                                    const std::optional<at::Tensor>& grad_entropy, double temperature) {
   check_inputs(logits_in, ids, temperature);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = engine_tlp::unit_stride_rows(logits_in);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   bwd_into(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature);
   return grad;
@@ -271,7 +265,7 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
                                      const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
                                      const std::optional<at::Tensor>& grad_entropy, double temperature) {
   check_inputs(logits, ids, temperature);
-  TORCH_CHECK_VALUE(logits.stride(1) == 1, "logits must have a contiguous last dim for the in-place backward");
+  engine_tlp::check_inplace(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   bwd_into(logits, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature);
 }
@@ -280,9 +274,7 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
 
 #include "engine_namespace.h"  // ENGINE_NAMESPACE: `engine`, or the CMake build's own
 TORCH_LIBRARY_IMPL(ENGINE_NAMESPACE, CUDA, m) {
-  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cuda);
-  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cuda);
-  m.impl("token_logprobs_bwd_inplace", &token_logprobs_bwd_inplace_cuda);
+  engine_tlp::register_kernels(m, &token_logprobs_fwd_cuda, &token_logprobs_bwd_cuda, &token_logprobs_bwd_inplace_cuda);
 }
 
 }  // namespace engine
