@@ -19,6 +19,8 @@
 #include "grpo_math.h"
 
 #include <cmath>
+#include <optional>
+#include <type_traits>
 
 namespace {
 
@@ -131,6 +133,33 @@ __global__ void grpo_loss_bwd_kernel(const float* __restrict__ grad_loss, const 
   }
 }
 
+// The per-token inputs as both launchers pass them: old and ref point at logp where absent (their
+// terms are then skipped by p.has_old / p.has_ref).
+template <typename scalar_t>
+struct TokenInputs {
+  const scalar_t *logp, *old, *ref;
+  const float* adv;
+  bool adv_per_token;
+};
+
+// launch(TokenInputs<scalar_t>, mask pointer) for logp's float type and mask's type (bool or float
+// weights): the kernel templates are instantiated for each pair. (The dtypes are checked before, so
+// the dispatch's own error, which would name "grpo_loss_cuda", never fires.)
+template <typename F>
+void dispatch_tokens(const at::Tensor& logp, const at::Tensor& advantages, const at::Tensor& mask,
+                     const std::optional<at::Tensor>& old_logp, const std::optional<at::Tensor>& ref_logp, F&& launch) {
+  GRPO_DISPATCH_FLOAT(logp.scalar_type(), "grpo_loss_cuda", [&] {
+    const scalar_t* lp = logp.const_data_ptr<scalar_t>();
+    const TokenInputs<scalar_t> in{lp, old_logp.has_value() ? old_logp->const_data_ptr<scalar_t>() : lp,
+                                   ref_logp.has_value() ? ref_logp->const_data_ptr<scalar_t>() : lp,
+                                   advantages.const_data_ptr<float>(), advantages.dim() == 2};
+    if (mask.scalar_type() == at::kBool)
+      launch(in, mask.const_data_ptr<bool>());
+    else
+      launch(in, mask.const_data_ptr<float>());
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_cuda(
     const at::Tensor& logp, const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& old_logp,
     const std::optional<at::Tensor>& ref_logp, double clip_low, double clip_high, std::optional<double> dual_clip,
@@ -147,19 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_cuda(
   at::Tensor loss = at::empty({}, f32), metrics = at::empty({4}, f32), row_w = at::empty({B}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (B > 0) {
-    GRPO_DISPATCH_FLOAT(logp.scalar_type(), "grpo_loss_fwd_cuda", [&] {
-      const scalar_t* lp = logp.const_data_ptr<scalar_t>();
-      const scalar_t* op = old_logp.has_value() ? old_logp->const_data_ptr<scalar_t>() : lp;
-      const scalar_t* rp = ref_logp.has_value() ? ref_logp->const_data_ptr<scalar_t>() : lp;
-      const bool per_token = advantages.dim() == 2;
-      if (mask.scalar_type() == at::kBool)
-        grpo_loss_fwd_rows_kernel<scalar_t, bool><<<B, kThreads, 0, stream>>>(
-            lp, op, rp, advantages.const_data_ptr<float>(), per_token, mask.const_data_ptr<bool>(), B, T, p,
-            part.data_ptr<float>());
-      else
-        grpo_loss_fwd_rows_kernel<scalar_t, float><<<B, kThreads, 0, stream>>>(
-            lp, op, rp, advantages.const_data_ptr<float>(), per_token, mask.const_data_ptr<float>(), B, T, p,
-            part.data_ptr<float>());
+    dispatch_tokens(logp, advantages, mask, old_logp, ref_logp, [&](auto in, auto m) {
+      grpo_loss_fwd_rows_kernel<<<B, kThreads, 0, stream>>>(
+          in.logp, in.old, in.ref, in.adv, in.adv_per_token, m, B, T, p, part.data_ptr<float>());
     });
   }
   grpo_loss_finalize_kernel<<<1, kThreads, 0, stream>>>(part.const_data_ptr<float>(), B, T,
@@ -190,19 +209,11 @@ at::Tensor grpo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& log
   const at::Tensor g = grad_loss.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>((B * T + kThreads - 1) / kThreads, 65535);
-  GRPO_DISPATCH_FLOAT(logp.scalar_type(), "grpo_loss_bwd_cuda", [&] {
-    const scalar_t* lp = logp.const_data_ptr<scalar_t>();
-    const scalar_t* op = old_logp.has_value() ? old_logp->const_data_ptr<scalar_t>() : lp;
-    const scalar_t* rp = ref_logp.has_value() ? ref_logp->const_data_ptr<scalar_t>() : lp;
-    const bool per_token = advantages.dim() == 2;
-    if (mask.scalar_type() == at::kBool)
-      grpo_loss_bwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<float>(), lp, op, rp, advantages.const_data_ptr<float>(), per_token,
-          mask.const_data_ptr<bool>(), row_weight.const_data_ptr<float>(), B, T, p, dlogp.data_ptr<scalar_t>());
-    else
-      grpo_loss_bwd_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<float>(), lp, op, rp, advantages.const_data_ptr<float>(), per_token,
-          mask.const_data_ptr<float>(), row_weight.const_data_ptr<float>(), B, T, p, dlogp.data_ptr<scalar_t>());
+  dispatch_tokens(logp, advantages, mask, old_logp, ref_logp, [&](auto in, auto m) {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(in.logp)>>;
+    grpo_loss_bwd_kernel<<<blocks, kThreads, 0, stream>>>(
+        g.const_data_ptr<float>(), in.logp, in.old, in.ref, in.adv, in.adv_per_token, m, row_weight.const_data_ptr<float>(),
+        B, T, p, dlogp.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dlogp;
