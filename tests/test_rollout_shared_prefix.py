@@ -14,7 +14,7 @@ from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
 from pebr.policy import Policy, build_tiny_policy
 from pebr.rollout import HFRollout, generate_rollouts
 from pebr.tasks import generate_items
-from tests.tiny_models import tiny_qwen2_vl_policy
+from tests.tiny_models import qwen2_fixture
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,7 @@ def qwen25():
     return build_tiny_policy(seed=5)
 
 
-@pytest.fixture(scope="module")
-def qwen2(qwen25):
-    """A tiny Qwen2-VL (not 2.5) with the tiny policy's tokenizer and special ids."""
-    return tiny_qwen2_vl_policy(qwen25, seed=13)
+qwen2 = qwen2_fixture(seed=13)
 
 
 def _items(prompts: int, seed: int) -> list:

@@ -12,7 +12,7 @@ from pebr.logprobs import image_features, response_logprobs
 from pebr.policy import Policy, build_tiny_policy
 from pebr.shared_prefix import shared_prefix_logprobs, supports
 from pebr.tasks import generate_items
-from tests.tiny_models import tiny_qwen2_vl_policy
+from tests.tiny_models import qwen2_fixture
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,7 @@ def qwen25():
     return build_tiny_policy(seed=3)
 
 
-@pytest.fixture(scope="module")
-def qwen2(qwen25):
-    return tiny_qwen2_vl_policy(qwen25, seed=11)
+qwen2 = qwen2_fixture(seed=11)
 
 
 def _inputs(policy: Policy, *, prompts: int, n: int, width: int, seed: int):

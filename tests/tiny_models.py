@@ -1,4 +1,5 @@
 """Tiny models shared by tests: a Qwen2-VL (not 2.5) policy next to the built-in tiny Qwen2.5-VL."""
+import pytest
 import torch
 
 from pebr.policy import Policy
@@ -21,3 +22,15 @@ def tiny_qwen2_vl_policy(like: Policy, *, seed: int) -> Policy:
     )
     torch.manual_seed(seed)
     return Policy(model=Qwen2VLForConditionalGeneration(cfg), tokenizer=like.tokenizer, images=like.images)
+
+
+def qwen2_fixture(*, seed: int):
+    """The module-scoped fixture `qwen2` of a test module that has a `qwen25` fixture (the tiny
+    Qwen2.5-VL policy); in the module: `qwen2 = qwen2_fixture(seed=13)`."""
+
+    @pytest.fixture(scope="module", name="qwen2")
+    def qwen2(qwen25):
+        """A tiny Qwen2-VL (not 2.5) with qwen25's tokenizer and special ids."""
+        return tiny_qwen2_vl_policy(qwen25, seed=seed)
+
+    return qwen2
