@@ -99,11 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
   return out.tuple();
 }
 
-void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids64, const at::Tensor& stats,
-              const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
-              const std::optional<at::Tensor>& grad_entropy, double temperature) {
+// grad = d/dlogits from the checked row inputs (engine_tlp::bwd_inputs); grad may be logits itself.
+void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids64, const engine_tlp::BwdInputs& in,
+              double temperature) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  const engine_tlp::BwdInputs in = engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy);
   using engine_tlp::data;
   TlpBwdArgs a{dtype_code(logits), logits.const_data_ptr(), logits.stride(0), grad.data_ptr(), grad.stride(0), V,
                ids64.const_data_ptr<int64_t>(), static_cast<float>(temperature), data(in.stats), data(in.entropy),
@@ -118,7 +117,7 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits_in, const at::Tensor&
   const at::Tensor logits = engine_tlp::unit_stride_rows(logits_in);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   advise_huge_pages(grad);
-  bwd_into(logits, grad, ids64, stats, entropy, grad_logp, grad_entropy, temperature);
+  bwd_into(logits, grad, ids64, engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy), temperature);
   return grad;
 }
 
@@ -128,7 +127,7 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
                                     const std::optional<at::Tensor>& grad_entropy, double temperature) {
   at::Tensor ids64 = check_inputs(logits, ids, temperature);
   engine_tlp::check_inplace(logits);
-  bwd_into(logits, logits, ids64, stats, entropy, grad_logp, grad_entropy, temperature);
+  bwd_into(logits, logits, ids64, engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy), temperature);
 }
 
 }  // namespace

@@ -229,11 +229,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
   return out.tuple();
 }
 
-void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids, const at::Tensor& stats,
-              const at::Tensor& entropy, const std::optional<at::Tensor>& grad_logp,
-              const std::optional<at::Tensor>& grad_entropy, double temperature) {
+// grad = d/dlogits from the checked row inputs (engine_tlp::bwd_inputs); grad may be logits itself.
+void bwd_into(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& ids, const engine_tlp::BwdInputs& in,
+              double temperature) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  const engine_tlp::BwdInputs in = engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy);
   if (N == 0) return;
   const at::Tensor ids64 = ids.to(at::kLong).contiguous();
   using engine_tlp::data;
@@ -257,7 +256,7 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits_in, const at::Tensor
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = engine_tlp::unit_stride_rows(logits_in);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  bwd_into(logits, grad, ids, stats, entropy, grad_logp, grad_entropy, temperature);
+  bwd_into(logits, grad, ids, engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy), temperature);
   return grad;
 }
 
@@ -267,7 +266,7 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
   check_inputs(logits, ids, temperature);
   engine_tlp::check_inplace(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  bwd_into(logits, logits, ids, stats, entropy, grad_logp, grad_entropy, temperature);
+  bwd_into(logits, logits, ids, engine_tlp::bwd_inputs(logits, stats, entropy, grad_logp, grad_entropy), temperature);
 }
 
 }  // namespace
