@@ -2,7 +2,8 @@
 // csrc/cuda/token_logprobs.cu, so both backends accept and reject exactly the same inputs with the
 // same messages (as csrc/grpo_math.h does for the GRPO ops). Each backend adds only what is its
 // own: the C++ kernel range-checks ids on the host, the CUDA one caps the rows at one grid.
-// Also the one list of the three kernels' names each backend registers (`register_kernels`).
+// The same goes for what their entry points do alike: the forward's outputs (FwdOutputs), the
+// backward's checked row inputs (BwdInputs) and the three kernel names they register (register_kernels).
 // Semantics: docs/ops.md#token_logprobs.
 #pragma once
 
