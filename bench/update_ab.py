@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from pebr.recipe import config as C
     from pebr.run.distributed import World
     from pebr.trainers.grpo import GRPOTrainer
-    from pebr.run.checkpoint import resolve_model_path
+    from pebr.run.model_path import resolve_model_path
     from pebr.model.policy import build_tiny_policy, load_policy
     from pebr.rollout.hf_engine import generate_rollouts
     from pebr.data.tasks import generate_items

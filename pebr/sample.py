@@ -13,9 +13,11 @@ import sys
 
 import torch
 
-from pebr.run.cli import add_fields, check_device
+from pebr.errors import MissingPolicyError
 from pebr.recipe.config import DIFFICULTY_LEVELS, PRESETS, SamplingConfig
 from pebr.recipe.config import preset as config_preset
+from pebr.rollout.factory import ROLLOUT_ENGINES
+from pebr.run.cli import add_fields, check_device, errors_as_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'sampling' is taken as that folder itself) (default: runs)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
+    p.add_argument("--rollout-engine", default="hf", choices=ROLLOUT_ENGINES,
+                   help="what generates the responses, as pebr.train --rollout-engine (default: hf)")
     return p
 
 
@@ -70,57 +74,48 @@ def apply_preset(args: argparse.Namespace, argv: list[str]) -> argparse.Namespac
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = apply_preset(build_parser().parse_args(argv), argv)
-    from pebr.data import tasks
-    from pebr.run.checkpoint import find_latest, resolve_model_path
-    from pebr.model.policy import load_policy
-    from pebr.recipe.splits import sample_dataset, write_sampling
+    with errors_as_exit(settings=True):
+        return _sample(args)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pebr.recipe.builder import load_rollout_policy
+    from pebr.recipe.items import read_items
+    from pebr.recipe.paths import trained_difficulty
+    from pebr.recipe.splits import sample_dataset, sampling_meta, write_sampling
+    from pebr.run.checkpoint import find_latest
+    from pebr.run.distributed import init_world, seed_all
+    from pebr.run.lock import hold
+    from pebr.run.model_path import resolve_model_path
 
     folder = sampling_folder(args.output_dir)
     run_dir = os.path.dirname(os.path.normpath(folder)) or "."
-    try:
-        check_device(args.device)
-        if args.model:
-            model = resolve_model_path(args.model)
-        else:
-            model = find_latest(os.path.join(run_dir, "stage0", "checkpoints"))
-            if not model:
-                raise ValueError(f"no --model and no stage-0 checkpoint under {os.path.join(run_dir, 'stage0')}; "
-                                 f"run `python -m pebr.train --stage 0 --output-dir {run_dir}` first")
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
-    if args.data:
-        from pebr.data.records import load_records_or_exit
-
-        res = load_records_or_exit(args.data)
-        print(res.summary(), file=sys.stderr)
-        items = res.items
+    check_device(args.device)
+    if args.model:
+        model = resolve_model_path(args.model)
     else:
-        if args.difficulty is None:
-            from pebr.run.checkpoint import trained_difficulty
-
-            args.difficulty = trained_difficulty(model)
-        items = tasks.generate_items(args.num_items, seed=args.seed, kind="mixed", difficulty=args.difficulty)
-    if not items:
-        raise SystemExit("error: no items to sample")
-    from pebr.run.distributed import init_world, seed_all
-
-    from pebr.run.lock import hold
-
+        model = find_latest(os.path.join(run_dir, "stage0", "checkpoints"))
+        if not model:
+            raise MissingPolicyError(f"no --model and no stage-0 checkpoint under {os.path.join(run_dir, 'stage0')}; "
+                                     f"run `python -m pebr.train --stage 0 --output-dir {run_dir}` first")
+    if not args.data and args.difficulty is None:
+        args.difficulty = trained_difficulty(model)
+    items = read_items(args.data, num_items=args.num_items, seed=args.seed, difficulty=args.difficulty,
+                       log=lambda m: print(m, file=sys.stderr))
     world = init_world(device=args.device)
     rollout_seed = args.seed if args.rollout_seed is None else args.rollout_seed
     seed_all(rollout_seed, world.rank)
-    policy = load_policy(model, device=world.device)
+    policy, engine = load_rollout_policy(model, device=world.device, rollout_engine=args.rollout_engine)
     # the folder is the trainer's sampling cache too: one writer at a time (pebr/run/lock.py)
     with hold(folder, world, log=lambda m: print(m, file=sys.stderr)):
         result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, batch_prompts=args.batch_prompts,
-                                progress=world.is_main, world=world)
+                                progress=world.is_main, world=world, engine=engine)
         if world.is_main:
-            # the keys pebr.recipe.stages.ensure_sampling compares before reusing this sampling
-            write_sampling(result, folder, meta={"model": os.path.abspath(model), "data": args.data, "k": args.k,
-                                                 "num_items": len(items), "temperature": args.temperature,
-                                                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                                                 "seed": rollout_seed})
+            # what pebr.recipe.splits.ensure_sampling compares before reusing this sampling
+            write_sampling(result, folder, meta=sampling_meta(
+                model=model, data=args.data, k=args.k, num_items=len(items), temperature=args.temperature,
+                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=rollout_seed))
     world.close()
     if not world.is_main:
         return 0

@@ -9,7 +9,8 @@ is none (warm-up SFT of the built-in tiny policy); stage 2 starts from OUT/stage
 sampling (k rollouts per item, easy/medium/hard) runs once and is cached in OUT/sampling.
 Each stage folder holds checkpoints/ (HF folders + trainer state, `latest`), metrics.jsonl
 (one line per step) and train.log. --model takes an HF folder, a stage folder (OUT/stageK: its
-latest checkpoint), a checkpoints folder or its `latest` file.
+latest checkpoint), a checkpoints folder or its `latest` file, or a run folder (OUT: its latest stage's).
+--split all trains on every item and skips dataset-level sampling.
 
 Data parallel on one machine or many (FSDP2; nccl on CUDA, gloo on CPU):
     torchrun --nproc-per-node 8 -m pebr.train --stage 2 ...
@@ -19,18 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
-import torch
-
 from pebr.recipe import config as C
-from pebr.recipe import stages
-from pebr.run.checkpoint import resolve_model_path
-from pebr.run.cli import add_fields, check_device, field_help, given
-from pebr.recipe.stages import run, stage_dir  # noqa: F401  (scripts import them from here)
-
-log = logging.getLogger("pebr")
+from pebr.recipe.paths import stage_dir  # noqa: F401  (scripts import it from here)
+from pebr.recipe.runner import run
+from pebr.run.cli import add_fields, auto_device, check_device, errors_as_exit, field_help, given
+from pebr.run.model_path import resolve_model_path
 
 
 # ---- command line (flags generated from the config fields: pebr.run.cli)
@@ -43,14 +39,10 @@ _SFT_ALIASES = {"num_items": ["--sft-items"], "batch_size": ["--sft-batch"]}  # 
 _SAMPLING_ALIASES = {"num_items": ["--sampling-items"]}
 
 
-def _auto_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_parser(preset: str = "tiny", stage: int = 1) -> argparse.ArgumentParser:
     """The parser of `python -m pebr.train`; `--help` shows the defaults of `preset` at `stage`
     (`main` reads both from the command line first)."""
-    cfg = dataclasses.replace(C.preset(preset, stage), device=_auto_device())
+    cfg = dataclasses.replace(C.preset(preset, stage), device=auto_device())
     p = argparse.ArgumentParser(
         prog="python -m pebr.train",
         description=__doc__.split("\n\n")[0] + f" Defaults come from --preset (shown: --preset {preset} "
@@ -62,6 +54,8 @@ def build_parser(preset: str = "tiny", stage: int = 1) -> argparse.ArgumentParse
     fields = {"": add_fields(p, C.TrainConfig, shown=cfg, only=_RUN, unset_default=True)}
     g = p.add_argument_group("scale-out")
     fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, only=_SCALE_OUT, unset_default=True)
+    g = p.add_argument_group("optimizer (every stage)")
+    fields["optimizer"] = add_fields(g, C.OptimizerConfig, shown=cfg.optimizer, unset_default=True)
     g = p.add_argument_group("GRPO (stages 1, 2)")
     fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, skip=("stage", "preset", *_RUN, *_SCALE_OUT),
                              aliases=_ALIASES, unset_default=True)
@@ -91,25 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args) -> C.TrainConfig:
     """The preset's config with each given flag's field replaced."""
-    cfg = C.preset(args.preset, args.stage)
-    over, sft, samp = (given(args, args._fields[k]) for k in ("", "sft", "sampling"))
-    if "batch_size" in sft and "micro_batch" not in sft:
-        sft["micro_batch"] = min(cfg.sft.micro_batch, sft["batch_size"])
-    rb = over.get("rollout_batch")
-    if rb and "mini_batch" not in over and (rb % cfg.mini_batch or cfg.mini_batch > rb):
-        over["mini_batch"] = rb  # the preset's mini-batch does not fit: one update per rollout
-    over.setdefault("device", _auto_device())
-    return dataclasses.replace(
-        cfg,
-        sft=dataclasses.replace(cfg.sft, **sft),
-        sampling=dataclasses.replace(cfg.sampling, **samp),
-        **over,
-    )
+    train, sft, sampling, optimizer = (given(args, args._fields[k]) for k in ("", "sft", "sampling", "optimizer"))
+    train.setdefault("device", auto_device())
+    return C.preset(args.preset, args.stage).with_overrides(train=train, sft=sft, sampling=sampling, optimizer=optimizer)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    with errors_as_exit(settings=True):
         cfg = config_from_args(args)
         check_device(cfg.device)
         if cfg.tensorboard:  # missing package: one line now, not a traceback after loading and sampling
@@ -118,19 +101,16 @@ def main(argv=None) -> int:
             check_tensorboard()
         if cfg.model:
             cfg = dataclasses.replace(cfg, model=resolve_model_path(cfg.model))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
     from transformers.utils import logging as hf_logging
 
     from pebr.run.distributed import init_world
 
     hf_logging.disable_progress_bar()  # transformers' save/load bars would break the training bar
-    try:
+    with errors_as_exit(settings=True):
         world = init_world(device=cfg.device, backend=cfg.dist_backend)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
     try:
-        stages.run(cfg, world)
+        with errors_as_exit():
+            run(cfg, world)
     except BaseException as exc:
         if world.distributed and not isinstance(exc, SystemExit):
             print(f"pebr.train: rank {world.rank} of {world.world_size} failed: {type(exc).__name__}: {exc}",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pebr import train
-from pebr.run.checkpoint import Checkpointer, DataOrder, load_trainer_state
+from pebr.data.order import DataOrder
+from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.metrics_log import read_metrics
 from pebr.model.policy import build_tiny_policy, load_policy
 

@@ -26,8 +26,8 @@ TRAIN_FLAGS = [
     ("--dtype", ["bfloat16"], "dtype", "bfloat16"),
     ("--lr", ["3e-4"], "lr", 3e-4),
     ("--warmup-steps", ["3"], "warmup_steps", 3),
-    ("--weight-decay", ["0.1"], "weight_decay", 0.1),
-    ("--grad-clip", ["0.5"], "grad_clip", 0.5),
+    ("--weight-decay", ["0.1"], "optimizer.weight_decay", 0.1),
+    ("--grad-clip", ["0.5"], "optimizer.grad_clip", 0.5),
     ("-n", ["4"], "group_size", 4),
     ("--group-size", ["4"], "group_size", 4),
     ("--rollout-batch", ["32"], "rollout_batch", 32),
@@ -69,7 +69,7 @@ NEW_TRAIN_FLAGS = [
     ("--dist-backend", ["gloo"], "dist_backend", "gloo"),
     ("--cpu-offload", [], "cpu_offload", True),
     ("--gradient-checkpointing", [], "gradient_checkpointing", True),
-    ("--betas", ["0.9", "0.95"], "betas", (0.9, 0.95)),
+    ("--betas", ["0.9", "0.95"], "optimizer.betas", (0.9, 0.95)),
     ("--sft-num-items", ["12"], "sft.num_items", 12),
     ("--sft-batch-size", ["8"], "sft.batch_size", 8),
     ("--sft-micro-batch", ["4"], "sft.micro_batch", 4),
@@ -122,9 +122,10 @@ def test_every_old_train_flag_is_listed_and_accepted():
 
 def test_every_config_field_has_a_flag():
     options = {o for a in train.build_parser()._actions for o in a.option_strings}
-    for cls, prefix in ((C.TrainConfig, ""), (C.SFTConfig, "sft-"), (C.SamplingConfig, "sampling-")):
+    for cls, prefix in ((C.TrainConfig, ""), (C.SFTConfig, "sft-"), (C.SamplingConfig, "sampling-"),
+                        (C.OptimizerConfig, "")):
         for f in dataclasses.fields(cls):
-            if f.name not in ("sft", "sampling"):
+            if f.name not in ("sft", "sampling", "optimizer"):
                 assert "--" + prefix + f.name.replace("_", "-") in options, f.name
                 assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no reason"
 

@@ -83,12 +83,12 @@ def test_every_entry_point_takes_the_level():
 
     from pebr import eval as pebr_eval
     from pebr import experiment, sample
-    from pebr.recipe import stages
+    from pebr.recipe import items as stages
 
     cfg = dataclasses.replace(preset("tiny", 1), difficulty="simple")
     cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, num_items=4),
                               sampling=dataclasses.replace(cfg.sampling, num_items=4))
-    for purpose in ("sft", "sampling"):
+    for purpose in ("sft", "rl"):
         assert all(it.id.startswith("simple-") for it in stages.load_items(cfg, purpose=purpose))
     assert sample.build_parser().parse_args(["--difficulty", "simple"]).difficulty == "simple"
     assert sample.build_parser().parse_args([]).difficulty is None  # then: the level the model was trained at
@@ -103,7 +103,7 @@ def test_every_entry_point_takes_the_level():
 def test_trained_difficulty_read_from_the_checkpoint(tmp_path):
     import json
 
-    from pebr.run.checkpoint import trained_difficulty
+    from pebr.recipe.paths import trained_difficulty
 
     ckpt = tmp_path / "step_0000001"
     ckpt.mkdir()

@@ -8,6 +8,8 @@ import random
 import pytest
 
 from pebr import experiment
+from pebr.recipe import curriculum
+from pebr.report import curriculum_report
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.metrics_log import read_metrics
 
@@ -107,14 +109,14 @@ def test_table_chart_and_json_agree(run):
 
 def test_table_and_chart_of_hand_made_numbers(run, tmp_path):
     """The toy policies score 0 everywhere; random accuracies catch a swapped column or arm."""
-    from pebr.eval import proportion
+    from pebr.report.eval_tables import proportion
 
     _, res = run
     res = json.loads(json.dumps(res))
     for key, arm in res["arms"].items():
         for s in arm["per_seed"]:
             s["eval"] = {k: proportion(random.randint(0, 50), 50) for k in experiment.KINDS}
-        arm.update(experiment._plain(experiment.aggregate([s["eval"] for s in arm["per_seed"]])))
+        arm.update(curriculum._plain(experiment.aggregate([s["eval"] for s in arm["per_seed"]])))
     rows = _rows(experiment.markdown(res))
     for key, arm in res["arms"].items():
         for col, kind in ((2, "perception"), (3, "reasoning")):
@@ -167,9 +169,9 @@ def test_aggregate_over_seeds_of_hand_made_numbers():
     assert agg["reasoning"]["mean"] == pytest.approx(1 - mean) and agg["reasoning"]["sd"] == pytest.approx(sd)
     two = experiment.aggregate(per_seed[:2])["perception"]
     assert two["hi"] - two["mean"] == pytest.approx(12.706205 * abs(xs[0] - xs[1]) / 2, abs=1e-5)
-    one = experiment._plain(experiment.aggregate(per_seed[:1]))["perception"]
+    one = curriculum._plain(experiment.aggregate(per_seed[:1]))["perception"]
     assert one["mean"] == xs[0] and one["lo"] is None and one["hi"] is None  # one seed: no interval, JSON-safe
-    cell = experiment._mean_cell(one)
+    cell = curriculum_report._mean_cell(one)
     assert cell == f"{xs[0]:.3f} [-]"
 
 

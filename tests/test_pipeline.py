@@ -164,7 +164,7 @@ def test_first_stage1_uses_the_sft_flags_and_says_what_runs_first(tmp_path):
 
 
 def test_model_accepts_stage_and_checkpoints_folders(out, tmp_path, capsys):
-    from pebr.run.checkpoint import resolve_model_path
+    from pebr.run.model_path import resolve_model_path
 
     latest = Checkpointer(out / "stage0" / "checkpoints").latest()
     for given in (out / "stage0", out / "stage0" / "checkpoints", out / "stage0" / "checkpoints" / "latest", latest):
@@ -195,7 +195,8 @@ def test_dataset_level_sampling_is_reproducible(out, tmp_path):
     """The same records, model and seed give the same rollouts and splits, whatever the RNG held before."""
     import torch
 
-    from pebr.recipe.stages import ensure_sampling, load_items
+    from pebr.recipe.items import load_items
+    from pebr.recipe.splits import ensure_sampling
 
     model = Checkpointer(out / "stage0" / "checkpoints").latest()
     texts = []
@@ -215,7 +216,8 @@ def test_dataset_level_sampling_is_reproducible(out, tmp_path):
 def test_sample_writes_the_cache_train_reuses_only_when_settings_match(out, tmp_path):
     """pebr.sample --output-dir OUT: reads OUT/stage0, writes OUT/sampling; pebr.train reuses it only at
     the same temperature, top_p and max_new_tokens."""
-    from pebr.recipe.stages import ensure_sampling, load_items
+    from pebr.recipe.items import load_items
+    from pebr.recipe.splits import ensure_sampling
 
     run = tmp_path / "run"
     run.mkdir()
@@ -242,7 +244,8 @@ def test_sample_with_the_preset_draws_what_training_drew(out, tmp_path):
     """`pebr.sample --preset tiny` (pool seed, run seed, temperature, top-p, budget from the preset) writes
     the rollouts a default stage-1 run's sampling writes, token for token (a fresh-clone walkthrough
     found the paper-default pebr.sample splitting 80/48 where training had 88/40)."""
-    from pebr.recipe.stages import ensure_sampling, load_items
+    from pebr.recipe.items import load_items
+    from pebr.recipe.splits import ensure_sampling
 
     cfg = _sampling_cfg(tmp_path / "train", max_new_tokens=C.preset("tiny", 1).max_new_tokens)
     model = Checkpointer(out / "stage0" / "checkpoints").latest()
@@ -258,7 +261,8 @@ def test_sampling_cache_reused_through_a_symlinked_stage0(out, tmp_path):
     is reused, not drawn again (the cache compares real paths)."""
     import shutil
 
-    from pebr.recipe.stages import ensure_sampling, load_items
+    from pebr.recipe.items import load_items
+    from pebr.recipe.splits import ensure_sampling
 
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pebr.run.metrics_log import MetricsLog, read_metrics
-from pebr.plot import _matching_keys, main, plot_metrics
+from pebr.plot import main
+from pebr.report.metrics_plot import _matching_keys, plot_metrics
 
 matplotlib.use("Agg")
 

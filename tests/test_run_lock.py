@@ -23,7 +23,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
 # Holds the lock of argv[1] until its stdin closes (or it is killed); says "held" once it has it.
 HOLDER = ("import sys; from pebr.run.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
           "print('held', flush=True); sys.stdin.read()")
-TAKER = ("import sys; from pebr.run.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('taken', flush=True)")
+# as a command's main() takes it: the library raises RunLockError, main turns it into one line and exit 1
+TAKER = ("import sys; from pebr.run.cli import errors_as_exit; from pebr.run.lock import RunLock\n"
+         "with errors_as_exit(): RunLock(sys.argv[1]).acquire()\nprint('taken', flush=True)")
 
 
 def _holder(folder, tag):
@@ -93,8 +95,9 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
         lock = RunLock(folder, log=said.append).acquire()
         assert said and f"pid {dead.pid} " in said[0]
         assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
-        other = subprocess.run([sys.executable, "-c", "import sys; from pebr.run import lock as run_lock; run_lock.fcntl = None; "
-                                "run_lock.RunLock(sys.argv[1]).acquire()", str(folder)],
+        other = subprocess.run([sys.executable, "-c", "import sys; from pebr.run import lock as run_lock; run_lock.fcntl = None\n"
+                                "from pebr.run.cli import errors_as_exit\n"
+                                "with errors_as_exit(): run_lock.RunLock(sys.argv[1]).acquire()", str(folder)],
                                capture_output=True, text=True, env=ENV, timeout=60)
         assert other.returncode == 1 and f"pid {os.getpid()} " in other.stderr  # this live process holds it
         lock.release()
@@ -131,7 +134,8 @@ def test_only_rank_zero_locks_and_every_rank_follows_it(tmp_path):
         with pytest.raises(RunLockError) as rank1:  # its rank 1 stops too, quietly (exit status 1)
             with hold(folder, _FakeWorld(1, str(rank0.value))):
                 pass
-        assert rank1.value.code == 1
+        assert rank1.value.quiet and not rank0.value.quiet  # rank 1's command exits 1 without a second message
+        assert isinstance(rank0.value, Exception) and not isinstance(rank0.value, SystemExit)  # a library error
     assert (folder / LOCK_FILE).read_text() == ""
 
 
@@ -153,9 +157,10 @@ def test_two_training_runs_on_one_output_dir(tmp_path):
             time.sleep(0.05)
         assert (ckpts / "latest").exists() and first.poll() is None, "the first run wrote no checkpoint"
         t0 = time.time()
-        with pytest.raises(RunLockError) as second:  # in this process: its own open file, refused like any other
+        with pytest.raises(SystemExit) as second:  # in this process: its own open file, refused like any other
             train.main([*args, "--max-steps", "2"])
-        msg = str(second.value)
+        msg = str(second.value.code)
+        assert msg.startswith("error: ")
         assert f"pid {first.pid} " in msg and "in use by another run" in msg and len(msg.splitlines()) == 1
         assert time.time() - t0 < 20
         assert (out / "stage0" / "metrics.jsonl").exists() and first.poll() is None  # untouched, still running

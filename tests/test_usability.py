@@ -9,7 +9,7 @@ from pebr import eval as pebr_eval
 from pebr import sample as pebr_sample
 from pebr import train
 from pebr.run.cli import check_device
-from pebr.recipe.stages import grpo_summary
+from pebr.recipe.runner import grpo_summary
 from pebr.trainers.base import Trainer
 
 MAINS = [(train.main, ["--stage", "1"]), (pebr_sample.main, []), (pebr_eval.main, ["--model", "m"])]

@@ -44,6 +44,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from pebr.data.prompts import IMAGE_PLACEHOLDER, strip_image_placeholder
+from pebr.errors import DataError
 from pebr.data.tasks import TaskItem
 
 KINDS = ("perception", "reasoning")
@@ -463,10 +464,12 @@ def save_records(items: list[TaskItem], path: str) -> str:
     return path
 
 
-def load_records_or_exit(path: str) -> LoadResult:
-    """`load_records` for a command line: a missing, unreadable or non-record file ends the program
-    with one `error: ...` line instead of a traceback."""
+def load_record_file(path: str) -> LoadResult:
+    """`load_records` with one error type: a missing, unreadable or non-record file raises
+    pebr.errors.DataError naming the file (bad rows are skipped and counted, as always)."""
     try:
         return load_records(path)
+    except DataError:
+        raise
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}")
+        raise DataError(str(exc)) from exc

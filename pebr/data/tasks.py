@@ -314,3 +314,15 @@ __all__ = [
     "TaskItem", "generate_items", "make_item", "TASK_TYPES", "TASKS", "PERCEPTION_TASKS", "REASONING_TASKS",
     "ITEM_KINDS",
 ]
+
+
+def task_corpus(*, n_items: int = 600, seed: int = 12345) -> list[str]:
+    """Prompts and reference responses of procedural tasks: the text the tiny policy reads and
+    writes, which its tokenizer is learned from. A seed of its own, so the tokenizer does not
+    depend on a training run."""
+    texts = []
+    for kind in ("perception", "reasoning"):
+        for item in generate_items(n_items // 2, seed=seed, kind=kind):
+            texts.append(prompts.build_prompt(item.problem))
+            texts.append(item.reference_response)
+    return texts

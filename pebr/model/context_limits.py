@@ -28,8 +28,8 @@ _IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"  # how Qwen-VL's te
 
 def max_positions(model) -> int:
     """The model's position limit: config.max_position_embeddings, or its text_config's."""
-    cfg = model.config
-    for c in (cfg, getattr(cfg, "text_config", None)):
+    hf_config = model.config
+    for c in (hf_config, getattr(hf_config, "text_config", None)):
         value = getattr(c, "max_position_embeddings", None) if c is not None else None
         if value:
             return int(value)

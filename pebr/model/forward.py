@@ -87,7 +87,6 @@ def response_logprobs(
     if not 1 <= prompt_len < sequences.shape[1]:
         raise ValueError(f"prompt_len must be in [1, {sequences.shape[1]}), got {prompt_len}")
     base = model.model
-    head = model.get_output_embeddings()
     out = base(
         input_ids=sequences,
         attention_mask=attention_mask,
@@ -97,11 +96,13 @@ def response_logprobs(
         use_cache=False,
     )
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # the states that predict the response tokens
-    return engine.ops.linear_token_logprobs(
-        hidden,
-        head.weight,
-        sequences[:, prompt_len:],
-        bias=head.bias,
-        temperature=temperature,
-        return_entropy=return_entropy,
-    )
+    return head_logprobs(model, hidden, sequences[:, prompt_len:], temperature=temperature, return_entropy=return_entropy)
+
+
+def head_logprobs(model, hidden: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0,
+                  return_entropy: bool = False):
+    """hidden: [B, R, H] states that predict ids: [B, R] -> logp [B, R] fp32 (and entropy) through
+    the model's LM head, fused (`engine.ops.linear_token_logprobs`: never [B*R, V] logits at once)."""
+    head = model.get_output_embeddings()
+    return engine.ops.linear_token_logprobs(hidden, head.weight, ids, bias=head.bias, temperature=temperature,
+                                            return_entropy=return_entropy)

@@ -128,9 +128,9 @@ class Policy:
     @property
     def vision_token_ids(self) -> list[int]:
         """<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>: never generated."""
-        cfg = self.model.config
+        hf_config = self.model.config
         names = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
-        return sorted({int(getattr(cfg, n)) for n in names if getattr(cfg, n, None) is not None})
+        return sorted({int(getattr(hf_config, n)) for n in names if getattr(hf_config, n, None) is not None})
 
     @property
     def pad_id(self) -> int:
@@ -146,6 +146,11 @@ class Policy:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": build_prompt(problem)}]
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_items(self, items) -> PromptBatch:
+        """P task items (anything with `.images` and `.problem`, as pebr.data.tasks.TaskItem) ->
+        their prompts, as encode_prompts builds them."""
+        return self.encode_prompts([it.images for it in items], [it.problem for it in items])
 
     def encode_prompts(self, images, problems) -> PromptBatch:
         """images: P entries, each one PIL image or a list of PIL images (the prompt's images, in
@@ -250,12 +255,17 @@ def tiny_config(tokenizer, size: TinySize = TinySize()):
 
 
 def build_tiny_policy(*, seed: int = 0, size: TinySize = TinySize(), corpus=None) -> Policy:
-    """A random-init tiny Qwen2.5-VL with a BPE tokenizer learned from `corpus` (default: procedural tasks)."""
+    """A random-init tiny Qwen2.5-VL with a BPE tokenizer learned from `corpus` (default: the
+    built-in tasks' prompts and responses, pebr.data.tasks.task_corpus)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pebr.model.tokenizer import build_tokenizer, default_corpus
+    from pebr.model.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(corpus=default_corpus() if corpus is None else corpus, vocab_size=size.vocab_size)
+    if corpus is None:
+        from pebr.data.tasks import task_corpus
+
+        corpus = task_corpus()
+    tok = build_tokenizer(corpus=corpus, vocab_size=size.vocab_size)
     cfg = tiny_config(tok, size)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

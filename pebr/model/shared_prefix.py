@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-import engine.ops
-from pebr.model.forward import encoder_outputs
+from pebr.model import hf_compat
+from pebr.model.forward import encoder_outputs, head_logprobs
 
 
 def supports(model) -> str | None:
@@ -41,26 +41,11 @@ def supports(model) -> str | None:
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "get_rope_index") or not hasattr(base, "language_model"):
         return f"{type(model).__name__} is not a Qwen2-VL / Qwen2.5-VL model (no get_rope_index)"
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if getattr(model, name, False) and model.training:
+    if hf_compat.cache_kwarg(base.language_model) is None:
+        return f"{type(base.language_model).__name__}.forward takes no `cache` / `past_key_values`"
+    if hf_compat.is_activation_checkpointing(model) and model.training:
         return "gradient checkpointing turns the decoder's cache off"
     return None
-
-
-def _cache_kwarg(language_model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.x deprecation); use what this one takes."""
-    import inspect
-
-    params = inspect.signature(language_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _repeat_cache(cache, n: int):
-    """Each of the P rows of a transformers cache repeated n times in place (rows p*n .. p*n+n-1)."""
-    if n == 1:
-        return cache
-    cache.batch_repeat_interleave(n)
-    return cache
 
 
 def prompt_positions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, image_grid_thw: torch.Tensor,
@@ -107,8 +92,7 @@ def shared_prefix_logprobs(
         raise ValueError("responses must hold at least one token per row")
     base = model.model
     lm = base.language_model
-    head = model.get_output_embeddings()
-    key = _cache_kwarg(lm)
+    key = hf_compat.cache_kwarg(lm)
 
     pos, nxt = prompt_positions(model, prompt_ids, prompt_mask, image_grid_thw, image_token_id)
     prefix = base(
@@ -118,13 +102,7 @@ def shared_prefix_logprobs(
         mm_encoder_outputs=encoder_outputs(image_feats, 1, images_per_prompt),
         use_cache=True,
     )
-    # transformers 5.x names the output `cache` (older ones `past_key_values`, now deprecated).
-    cache = getattr(prefix, "cache", None)
-    if cache is None:
-        cache = getattr(prefix, "past_key_values", None)
-    if cache is None:
-        raise RuntimeError(f"{type(model).__name__} returned no key/value cache for the prompts")
-    cache = _repeat_cache(cache, n)
+    cache = hf_compat.repeat_cache(hf_compat.output_cache(prefix, model), n)
 
     R = responses.shape[1]
     start = nxt.repeat_interleave(n).unsqueeze(1)  # [P*n, 1]
@@ -140,11 +118,4 @@ def shared_prefix_logprobs(
     # The state predicting response token 0 is the prompt's last; token k's is response token k-1's.
     last = prefix.last_hidden_state[:, -1:].repeat_interleave(n, 0)
     hidden = torch.cat([last, out.last_hidden_state[:, :-1]], dim=1)
-    return engine.ops.linear_token_logprobs(
-        hidden,
-        head.weight,
-        responses,
-        bias=head.bias,
-        temperature=temperature,
-        return_entropy=return_entropy,
-    )
+    return head_logprobs(model, hidden, responses, temperature=temperature, return_entropy=return_entropy)

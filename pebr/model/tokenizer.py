@@ -93,20 +93,6 @@ def build_tokenizer(*, corpus: Iterable[str] = (), vocab_size: int = 768, min_fr
     return tok
 
 
-def default_corpus(*, n_items: int = 600, seed: int = 12345) -> list[str]:
-    """Prompts and reference responses of procedural tasks (`pebr.data.tasks`): the text the tiny policy
-    reads and writes. Uses a seed of its own so the tokenizer does not depend on a training run."""
-    from pebr.data import prompts
-    from pebr.data import tasks
-
-    texts = []
-    for kind in ("perception", "reasoning"):
-        for item in tasks.generate_items(n_items // 2, seed=seed, kind=kind):
-            texts.append(prompts.build_prompt(item.problem))
-            texts.append(item.reference_response)
-    return texts
-
-
 def special_ids(tokenizer) -> dict[str, int]:
     """name -> id of each of `SPECIAL_TOKENS` in `tokenizer` (raises ValueError naming a missing one)."""
     out = {}

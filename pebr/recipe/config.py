@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pebr.data.scenes import DIFFICULTIES
+from pebr.rollout.factory import ROLLOUT_ENGINES
 
 DIFFICULTY_LEVELS = tuple(DIFFICULTIES)
 STAGES = (0, 1, 2)
@@ -36,6 +37,20 @@ def check_choices(cfg) -> None:
         value = getattr(cfg, f.name)
         if choices and value not in choices and not (value is None and f.default is None):
             raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and the gradient clip: one section for the warm-up (stage 0) and GRPO (stages 1, 2)
+    alike; each keeps its own learning rate and LR warm-up (--sft-lr, --lr)."""
+
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    grad_clip: float = opt(1.0, "global gradient-norm clip")
+
+    def __post_init__(self):
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -86,7 +101,7 @@ class TrainConfig:
 
     stage: int = opt(1, "0 warm-up SFT, 1 perception GRPO (easy split), 2 reasoning GRPO (medium split)", choices=STAGES)
     preset: str = opt("tiny", "tiny: sized for a 2-core CPU; paper: the paper's values (Qwen2.5-VL-7B on GPUs); see docs/recipe.md")
-    model: str | None = opt(None, "HF folder (safetensors) to start from, or a stage folder (OUT/stageK) or checkpoints folder: its latest checkpoint; none: the previous stage's output, or the built-in tiny policy for stage 0")
+    model: str | None = opt(None, "HF folder (safetensors) to start from, or a stage folder (OUT/stageK) or checkpoints folder: its latest checkpoint, or a run folder (OUT): its latest stage's; none: the previous stage's output, or the built-in tiny policy for stage 0")
     data: str | None = opt(None, "JSON/JSONL/parquet records (images, problem, answer, key_words); none: built-in procedural tasks")
     difficulty: str = opt("standard", "built-in tasks: objects per scene and colours (pebr/data/scenes.py DIFFICULTIES; ignored with --data)",
                           choices=DIFFICULTY_LEVELS)
@@ -106,13 +121,12 @@ class TrainConfig:
     # -- GRPO (docs/recipe.md)
     lr: float = opt(1e-6, "learning rate, constant after warm-up (the paper: 1e-6)")
     warmup_steps: int = opt(0, "linear LR warm-up steps")
-    weight_decay: float = opt(1e-2, "AdamW weight decay")
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
-    grad_clip: float = opt(1.0, "global gradient-norm clip")
     group_size: int = opt(8, "n responses per prompt (a GRPO group)")
     rollout_batch: int = opt(560, "prompts per rollout, one training step (the paper: 560 stage 1, 512 stage 2)")
     mini_batch: int = opt(112, "prompts per optimizer update, divides the rollout batch (the paper: 112 stage 1, 128 stage 2)")
     micro_batch: int = opt(8, "sequences per forward/backward (gradient accumulation)")
+    rollout_engine: str = opt("hf", "what generates the rollouts, in training, dataset-level sampling and eval alike: hf = transformers' generate with a KV cache in this process (pebr.rollout.factory)",
+                              choices=ROLLOUT_ENGINES)
     shared_prefix: bool = opt(True, "rollout and update: each group's prompt through the decoder once, its n responses attending to its keys/values (off: every sequence whole; same result, slower)")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
     old_logprobs: str = opt("rollout", "old log-probs of a step with several updates: rollout = the sampler's (the same policy and temperature; checked against one recompute on the run's first such step, recomputed from then on if a token differs by more than 1e-3); recompute = a policy forward over the step's rollouts first (EasyR1)",
@@ -131,7 +145,7 @@ class TrainConfig:
     adv_scale: str = opt("group", "GRPO advantage std normalization (none: Dr.GRPO)", choices=("group", "batch", "none"))
     freeze_vision: bool = opt(False, "freeze the vision tower (the paper trains it in both RL stages)")
     online_filter: bool = opt(False, "DAPO: drop groups whose rewards are all equal (no signal)")
-    split: str | None = opt(None, "sampling split to train on; none: easy for stage 1, medium for stage 2",
+    split: str | None = opt(None, "sampling split to train on (all: every item, no dataset-level sampling); none: easy for stage 1, medium for stage 2",
                             choices=("easy", "medium", "hard", "all"))
     min_split_items: int = opt(0, "top a small split up from the next one to this many items")
     clip_model: str | None = opt(None, "CLIP-family HF folder for the perception reward's clip term; none: the scene term on built-in items")
@@ -143,6 +157,7 @@ class TrainConfig:
     log_every: int = opt(10, "one line per this many steps (step, reward, accuracy, loss, kl, step time) to the log and train.log")
     tensorboard: bool = opt(False, "also write TensorBoard event files to <stage folder>/tensorboard (needs the tensorboard package)")
 
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -161,8 +176,6 @@ class TrainConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
 
     @property
     def train_split(self) -> str:
@@ -170,6 +183,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, *, train: dict | None = None, sft: dict | None = None, sampling: dict | None = None,
+                       optimizer: dict | None = None) -> "TrainConfig":
+        """This config with the given fields replaced, section by section, as the command lines give
+        them ({field: value}). Derived values follow a changed batch: a --sft-batch smaller than the
+        preset's micro-batch becomes the micro-batch too, and a --rollout-batch that the preset's
+        mini-batch does not divide becomes the mini-batch (one update per rollout)."""
+        train, sft = dict(train or {}), dict(sft or {})
+        if "batch_size" in sft and "micro_batch" not in sft:
+            sft["micro_batch"] = min(self.sft.micro_batch, sft["batch_size"])
+        rb = train.get("rollout_batch")
+        if rb and "mini_batch" not in train and (rb % self.mini_batch or self.mini_batch > rb):
+            train["mini_batch"] = rb
+        return dataclasses.replace(
+            self,
+            optimizer=dataclasses.replace(self.optimizer, **(optimizer or {})),
+            sft=dataclasses.replace(self.sft, **sft),
+            sampling=dataclasses.replace(self.sampling, **(sampling or {})),
+            **train,
+        )
 
 
 def paper(stage: int = 1) -> TrainConfig:

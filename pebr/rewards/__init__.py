@@ -7,7 +7,7 @@ Stage 2, reasoning:  `0.9*accuracy + 0.1*format`.
     answer.py      accuracy: the paper's grader behind input limits, under a hard time limit
     perception.py  keyword, length and scene terms
     clip.py        ClipScorer and the clip term
-    stages.py      the weighted stage rewards
+    weighted.py    the weighted stage rewards (perception, reasoning, and their union for the ablation)
 
 Every component is a plain function of the response text that returns a float in [0, 1] and
 never raises on any response: None, bytes, binary junk and megabyte strings score 0 on the parts
@@ -39,11 +39,12 @@ from pebr.rewards.answer import GRADE_TIMEOUT_S, GRADER, accuracy_reward
 from pebr.rewards.clip import CLIP_SCALE, ClipScorer, clip_reward, clip_score_to_reward
 from pebr.rewards.perception import KEYWORD_MAX_WORDS, keyword_reward, length_reward, scene_reward
 from pebr.rewards.sections import RewardFailures, extract_answer, extract_description, format_reward
-from pebr.rewards.weighted import PerceptionWeights, ReasoningWeights, perception_reward, reasoning_reward, visual_term
+from pebr.rewards.weighted import (UNION_FORMULA, PerceptionWeights, ReasoningWeights, perception_reward,
+                                   reasoning_reward, union_reward, visual_term)
 
 __all__ = [
     "GRADER", "GRADE_TIMEOUT_S", "KEYWORD_MAX_WORDS", "CLIP_SCALE", "RewardFailures", "extract_description",
     "extract_answer", "format_reward", "keyword_reward", "length_reward", "accuracy_reward", "scene_reward",
     "ClipScorer", "clip_score_to_reward", "clip_reward", "PerceptionWeights", "ReasoningWeights", "visual_term",
-    "perception_reward", "reasoning_reward",
+    "perception_reward", "reasoning_reward", "union_reward", "UNION_FORMULA",
 ]

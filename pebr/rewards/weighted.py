@@ -113,3 +113,18 @@ def reasoning_reward(
     out = {"accuracy": accuracy_reward(response, answer, failures=failures), "format": format_reward(response)}
     out["overall"] = float(weights.accuracy * out["accuracy"] + weights.format * out["format"])
     return out
+
+
+UNION_FORMULA = ("overall = (perception overall + reasoning overall) / 2 "
+                 "= 0.2 scene|clip + 0.2 keyword + 0.05 length + 0.45 accuracy + 0.1 format")
+
+
+def union_reward(perception: dict, reasoning: dict) -> dict:
+    """The two stages' reward dicts of one response -> one GRPO stage on both rewards (the
+    ablation's arm c): every component of both (format is the same function in both), "perception"
+    and "reasoning" (each stage's overall), and overall = their mean (UNION_FORMULA)."""
+    out = {k: float(v) for k, v in perception.items() if k != "overall"}
+    out.update({k: float(v) for k, v in reasoning.items() if k != "overall"})
+    out["perception"], out["reasoning"] = float(perception["overall"]), float(reasoning["overall"])
+    out["overall"] = 0.5 * (out["perception"] + out["reasoning"])
+    return out

@@ -35,92 +35,17 @@ response would be read as an image slot).
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
+from pebr.model import hf_compat
 from pebr.rollout.kv_cache import preallocate
 from pebr.model.forward import encoder_outputs, image_features, rows_image_grid
 from pebr.model.policy import Policy, PromptBatch
+from pebr.rollout.types import Generation, RolloutEngine, Rollouts, SamplingParams, response_mask_from
 from pebr.model.shared_prefix import supports as shared_prefix_support
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """P groups of n responses; row r belongs to prompt r // n."""
-
-    items: list  # the P TaskItems
-    group_size: int  # n
-    prompt: PromptBatch  # the P prompts
-    sequences: torch.Tensor  # [P*n, L+R]
-    attention_mask: torch.Tensor  # [P*n, L+R]: prompt mask, then response mask
-    response_mask: torch.Tensor  # [P*n, R] float: 1 up to and including the end-of-turn token
-    texts: list[str]  # P*n decoded responses (special tokens removed)
-    num_tokens: list[int]  # P*n response lengths in tokens
-    truncated: list[bool]  # P*n: hit max_new_tokens without an end-of-turn token
-    logprobs: torch.Tensor | None = None  # [P*n, R] fp32: the sampler's log-probs of the sampled tokens
-
-    @property
-    def prompt_len(self) -> int:
-        return self.prompt.input_ids.shape[1]
-
-    def item_of(self, row: int):
-        return self.items[row // self.group_size]
-
-    def select_groups(self, groups: list[int]) -> "Rollouts":
-        """The rollouts of these prompt indices only (groups stay whole)."""
-        n = self.group_size
-        rows = [g * n + j for g in groups for j in range(n)]
-        idx = torch.tensor(rows, dtype=torch.long)
-        return Rollouts(
-            items=[self.items[g] for g in groups],
-            group_size=n,
-            prompt=self.prompt.select(groups),  # a prompt's images and pixel rows go with it
-            sequences=self.sequences[idx],
-            attention_mask=self.attention_mask[idx],
-            response_mask=self.response_mask[idx],
-            texts=[self.texts[r] for r in rows],
-            num_tokens=[self.num_tokens[r] for r in rows],
-            truncated=[self.truncated[r] for r in rows],
-            logprobs=None if self.logprobs is None else self.logprobs[idx],
-        )
-
-
-def response_mask_from(responses: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, list[bool]]:
-    """responses: [B, R] generated ids -> (mask [B, R] float: 1 up to and including the first eos,
-    truncated: B bools, True where no eos was generated)."""
-    is_eos = torch.zeros_like(responses, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= responses == e
-    # Tokens after the first eos: at least one eos strictly before them.
-    after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
-    return (~after).float(), (~is_eos.any(dim=1)).tolist()
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How responses are sampled."""
-
-    n: int  # responses per prompt (the GRPO group)
-    temperature: float  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-
-
-@dataclasses.dataclass
-class Generation:
-    """What a rollout engine returns for P prompts x n: rows i*n .. i*n+n-1 follow prompt i."""
-
-    sequences: torch.Tensor  # [P*n, L+R]: the prompt (left-padded to L) then the response ids
-    logprobs: torch.Tensor  # [P*n, R] fp32: log-probs of the sampled response tokens
-    lengths: list[int]  # P*n response lengths in tokens (up to and including the end-of-turn token)
-
-
-class RolloutEngine(Protocol):
-    def generate(self, prompt: PromptBatch, params: SamplingParams) -> Generation: ...
 
 
 class _RecordLogprobs:
@@ -237,18 +162,21 @@ class HFRollout:
             out = torch.cat([out, responses], 1)
         mask, _ = response_mask_from(responses, policy.eos_ids)
         logprobs = record.finish(responses) * mask
-        return Generation(sequences=out, logprobs=logprobs, lengths=mask.sum(1).long().tolist())
+        return Generation(sequences=out, logprobs=logprobs)
+
+    def update_weights(self, model) -> None:
+        """Nothing to do: generate runs the live policy, so it always has the latest weights."""
 
     def _why_not_shared(self, model, prompt: PromptBatch) -> str | None:
         """None if the prompt can be prefilled once and its cache handed to `generate`, else why not."""
         why = shared_prefix_support(model)
         if why is not None:
             return why
-        if _cache_kwarg(model) is None:
+        if hf_compat.cache_kwarg(model) is None:
             return f"{type(model).__name__}.forward takes no `cache` / `past_key_values`"
-        if not hasattr(model, "_prepare_position_ids_for_generation"):
+        if not hf_compat.has_generation_positions(model):
             return "this transformers has no _prepare_position_ids_for_generation (the prompts' positions)"
-        if getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None:
+        if hf_compat.generation_cache_implementation(model) is not None:
             return "the generation config names a cache implementation (generate builds its own cache)"
         if prompt.input_ids.shape[1] < 2:
             return "one-token prompts (nothing before the last token to share)"
@@ -272,8 +200,8 @@ class HFRollout:
         # The positions generate gives the unshared rows (text positions + mrope rows), from the
         # model's own code over the P prompts: the same per row, computed once.
         base.rope_deltas = None  # a stale value from an earlier call would be taken as the answer
-        pos = model._prepare_position_ids_for_generation(
-            ids, dict(attention_mask=mask, mm_token_type_ids=mm, image_grid_thw=prompt.image_grid_thw))
+        pos = hf_compat.generation_positions(model, ids, attention_mask=mask, mm_token_type_ids=mm,
+                                             image_grid_thw=prompt.image_grid_thw)
         deltas = getattr(base, "rope_deltas", None)
         if isinstance(deltas, torch.Tensor) and deltas.shape[0] == ids.shape[0]:
             base.rope_deltas = deltas.repeat_interleave(n, 0)  # any later lookup by row sees P*n rows
@@ -284,13 +212,7 @@ class HFRollout:
             mm_encoder_outputs=encoder_outputs(feats, 1, prompt.images_per_prompt),
             use_cache=True,
         )
-        cache = getattr(prefix, "cache", None)  # transformers 5.x; `past_key_values` before
-        if cache is None:
-            cache = getattr(prefix, "past_key_values", None)
-        if cache is None:
-            raise RuntimeError(f"{type(model).__name__} returned no key/value cache for the prompts")
-        if n > 1:
-            cache.batch_repeat_interleave(n)
+        cache = hf_compat.repeat_cache(hf_compat.output_cache(prefix, model), n)
         # decode writes into buffers sized for the whole response instead of torch.cat per step
         # (pebr/rollout/kv_cache.py): the last prompt column plus the response budget
         preallocate(cache, extra_tokens=1 + extra_tokens)
@@ -300,15 +222,8 @@ class HFRollout:
             "attention_mask": rep(mask),
             "position_ids": pos.repeat_interleave(n, dim=-2),  # [4 or 3, P*n, L] or [P*n, L]
             "mm_token_type_ids": rep(mm),
-            _cache_kwarg(model): cache,
+            hf_compat.cache_kwarg(model): cache,
         }
-
-
-def _cache_kwarg(model) -> str | None:
-    """The name `model.forward` takes the key/value cache under: transformers 5.x renamed
-    `past_key_values` to `cache` (the old name deprecated); None if neither."""
-    params = inspect.signature(model.forward).parameters
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 @torch.no_grad()
@@ -329,8 +244,8 @@ def generate_rollouts(
     model = policy.model
     was_training = model.training
     model.eval()
-    prompt = policy.encode_prompts([item_images(it) for it in items], [it.problem for it in items]).to(policy.device)
-    engine = engine or HFRollout(policy)
+    prompt = policy.encode_items(items).to(policy.device)
+    engine = engine or HFRollout(policy)  # pebr.rollout.factory's "hf"
     gen = engine.generate(prompt, SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens))
     model.train(was_training)
     out = gen.sequences
@@ -354,9 +269,3 @@ def generate_rollouts(
         truncated=truncated,
         logprobs=gen.logprobs.float(),
     )
-
-
-def item_images(item) -> list:
-    """Every image of an item, first one first (TaskItem.images; an item with only `.image` has one)."""
-    images = getattr(item, "images", None)
-    return list(images) if images is not None else [item.image]

@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import tempfile
@@ -54,6 +53,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from pebr.errors import CheckpointError  # noqa: F401  (raised here; importable from here as before)
 
 STATE_FILE = "trainer_state.json"
 LEGACY_STATE_FILE = "trainer_state.pt"  # checkpoints written before torch.distributed.checkpoint
@@ -65,8 +66,6 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 log = logging.getLogger("pebr")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that must not be loaded or could not be written; the message says why."""
 
 
 def _free_bytes(folder: str) -> int | None:
@@ -367,47 +366,6 @@ class Checkpointer:
         self.sweep()
 
 
-def resolve_model_path(path: str | os.PathLike) -> str:
-    """What `--model PATH` names -> an HF model folder. PATH may be an HF folder, a stage folder
-    (OUT/stageK: its latest checkpoint), a checkpoints folder (its latest checkpoint) or the
-    `latest` pointer file in one. ValueError saying what was found otherwise."""
-    path = os.fspath(path)
-    if os.path.isfile(path) and os.path.basename(path) == LATEST:
-        root = os.path.dirname(os.path.abspath(path))
-        found = find_latest(root)
-        if found is None:
-            raise ValueError(f"--model {path}: names no complete checkpoint in {root}")
-        return found
-    if not os.path.isdir(path):
-        raise ValueError(f"--model {path}: no such folder")
-    if _is_hf_folder(path):
-        return path
-    for root in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(root) and (os.path.isfile(os.path.join(root, LATEST)) or
-                                    any(_STEP_DIR.fullmatch(n) for n in os.listdir(root))):
-            found = find_latest(root)
-            if found is None:
-                raise ValueError(f"--model {path}: {root} holds no complete checkpoint (a run killed before its first save?)")
-            return found
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        raise ValueError(f"--model {path}: {os.path.join(path, 'checkpoints')} holds no checkpoint yet")
-    raise ValueError(f"--model {path}: not a model folder (no config.json with model weights), a stage folder "
-                     f"(OUT/stageK with checkpoints/) or a checkpoints folder")
-
-
-def _is_hf_folder(path: str) -> bool:
-    """config.json of a model (not a stage's TrainConfig) beside its weights."""
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    try:
-        with open(cfg) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and "model_type" in doc
-
-
 def load_trainer_state(path: str | os.PathLike) -> dict:
     """The trainer state saved with a checkpoint: step, data_position, scheduler, config, init_model."""
     f = os.path.join(path, STATE_FILE)
@@ -480,76 +438,3 @@ def _check_dcp_metadata(opt_dir: str) -> None:
                 raise CheckpointError(f"refusing to load {f}: {exc}; pebr's optimizer metadata holds only "
                                       f"torch.distributed.checkpoint's records, so this file was not written by "
                                       f"it (tampered, or from another tool)") from None
-
-
-def rng_state() -> dict:
-    """Every RNG a run draws from: Python, NumPy, torch CPU (and CUDA where present), as tensors
-    and plain data, so a checkpoint's RNG file loads with torch.load(weights_only=True)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned (or, from older checkpoints, the raw getstate() tuples)."""
-    py = state["python"]
-    if isinstance(py, dict):
-        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
-    random.setstate(py)
-    nps = state["numpy"]
-    if isinstance(nps, dict):
-        nps = (nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
-    np.random.set_state(nps)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class DataOrder:
-    """A reproducible stream of item indices: a fresh permutation of range(n) per epoch from `seed`.
-
-    `position` (items consumed so far) is all the state: a resumed run sees the same order.
-    """
-
-    def __init__(self, n: int, *, seed: int, shuffle: bool = True, position: int = 0):
-        if n < 1:
-            raise ValueError(f"the data holds no items (n={n})")
-        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
-        self._epoch, self._perm = -1, None
-
-    @property
-    def epoch(self) -> int:
-        return self.position // self.n
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
-            self._epoch = epoch
-        return self._perm
-
-    def take(self, k: int) -> list[int]:
-        """The next k indices (wrapping into the next epoch's permutation)."""
-        out = []
-        for _ in range(k):
-            out.append(self._order(self.position // self.n)[self.position % self.n])
-            self.position += 1
-        return out
-
-
-def trained_difficulty(model: str) -> str:
-    """The built-in difficulty `model` (a checkpoint folder) was trained at, from the config its
-    trainer_state.json records; "standard" for a folder without one (an HF model, an older run)."""
-    from pebr.recipe.config import DIFFICULTY_LEVELS
-
-    try:
-        level = load_trainer_state(model).get("config", {}).get("difficulty", "standard")
-    except (OSError, ValueError, AttributeError):  # CheckpointError is a ValueError
-        return "standard"
-    return level if level in DIFFICULTY_LEVELS else "standard"

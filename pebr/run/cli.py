@@ -15,6 +15,7 @@ the flag's default is the shown value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import typing
 
@@ -137,3 +138,27 @@ def check_device(device: str) -> str:
             raise ValueError(f"--device {d}: only {torch.cuda.device_count()} CUDA device(s) visible (cuda:0.."
                              f"cuda:{torch.cuda.device_count() - 1})")
     return d
+
+
+def auto_device() -> str:
+    """The default --device: cuda when a GPU is usable, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def errors_as_exit(*, settings: bool = False):
+    """For a `main()`: pebr's typed errors (pebr.errors.PebrError) inside the block become one
+    `error: ...` line and exit status 1 instead of a traceback; a RunLockError of a rank whose
+    rank 0 already said why exits 1 quietly. settings: the block only reads flags and settings, so
+    a ValueError there is a bad value too (outside such a block a ValueError is a bug: traceback)."""
+    from pebr.errors import PebrError, RunLockError
+
+    caught = (PebrError, ValueError) if settings else PebrError
+    try:
+        yield
+    except RunLockError as exc:
+        raise SystemExit(1 if exc.quiet else f"error: {exc}") from None
+    except caught as exc:
+        raise SystemExit(f"error: {exc}") from None

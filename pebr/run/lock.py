@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Callable
 
+from pebr.errors import RunLockError  # noqa: F401  (raised here; importable from here as before)
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -54,8 +56,6 @@ def _release_all() -> None:
         lock.release()
 
 
-class RunLockError(SystemExit):
-    """Another run holds the folder. A SystemExit: the CLI prints its one line and exits 1."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -176,7 +176,7 @@ class RunLock:
     # ---- pieces
 
     def _busy(self, holder: dict | None) -> str:
-        return (f"error: {self.folder} is in use by another run ({describe(holder)}); "
+        return (f"{self.folder} is in use by another run ({describe(holder)}); "
                 f"wait for it to end, stop it, or pass another --output-dir")
 
     def _read_holder(self, fd: int) -> dict | None:
@@ -232,13 +232,13 @@ class RunLock:
             self._pid_mode = True
             _HELD.add(self)
             return
-        raise RunLockError(f"error: could not take the lock {self.path}: another run is starting in {self.folder}")
+        raise RunLockError(f"could not take the lock {self.path}: another run is starting in {self.folder}")
 
 
 @contextlib.contextmanager
 def hold(folder: str | os.PathLike, world=None, *, log: Callable[[str], None] | None = None):
     """Hold `folder`'s lock for the block. Distributed: rank 0 takes it and broadcasts whether every
-    rank may go on (RunLockError on all: rank 0's names the holder, the others exit 1 quietly)."""
+    rank may go on (RunLockError on all: rank 0's names the holder, the others' are quiet)."""
     lock, error = None, None
     is_main = world is None or world.is_main
     if is_main:
@@ -247,11 +247,11 @@ def hold(folder: str | os.PathLike, world=None, *, log: Callable[[str], None] | 
         except RunLockError as exc:
             error = str(exc)
         except OSError as exc:  # an unwritable folder: say so on every rank rather than leave them waiting
-            error = f"error: cannot lock {folder}: {exc}"
+            error = f"cannot lock {folder}: {exc}"
     if world is not None:
         error = world.broadcast_object(error)
     if error:
-        raise RunLockError(error if is_main else 1)
+        raise RunLockError(error, quiet=not is_main)
     try:
         yield lock
     finally:

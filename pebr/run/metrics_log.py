@@ -199,3 +199,14 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_stage_metrics(folder: str, *, fresh: bool, world=None, tensorboard: bool = False) -> MetricsLog | None:
+    """folder/metrics.jsonl for a stage (rank 0 only: None on the other ranks); fresh: start it empty
+    (a run that does not resume); tensorboard: event files beside it too."""
+    if world is not None and not world.is_main:
+        return None
+    path = os.path.join(folder, "metrics.jsonl")
+    if fresh and os.path.exists(path):
+        os.remove(path)
+    return MetricsLog(path, tensorboard=tensorboard)

@@ -22,8 +22,12 @@ import time
 
 import torch
 
-from pebr.run.checkpoint import Checkpointer, load_trainer_state, rng_state, set_rng_state
+from pebr.model import hf_compat
+from pebr.recipe.config import TrainConfig
+from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.distributed import World
+from pebr.run.rng import rng_state, set_rng_state
+from pebr.trainers.optim import build_optimizer, set_vision_trainable
 
 
 def format_duration(seconds: float) -> str:
@@ -34,23 +38,6 @@ def format_duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
-
-
-def build_optimizer(model, *, lr: float, weight_decay: float, betas=(0.9, 0.999), warmup_steps: int = 0):
-    """AdamW on the trainable parameters + constant LR after a linear warm-up -> (optimizer, scheduler)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-    warm = max(0, int(warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    return opt, sched
-
-
-def set_vision_trainable(model, trainable: bool) -> None:
-    """Freeze or unfreeze the vision tower (model.model.visual)."""
-    for p in model.model.visual.parameters():
-        p.requires_grad_(trainable)
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -73,7 +60,7 @@ class Trainer:
 
     desc = "train"
 
-    def __init__(self, cfg, *, policy, run_dir: str, world: World | None, lr: float, warmup_steps: int,
+    def __init__(self, cfg: TrainConfig, *, policy, run_dir: str, world: World | None, lr: float, warmup_steps: int,
                  freeze_vision: bool, stage: int, init_model: str | None, log=print, metrics_log=None):
         self.cfg, self.policy, self.run_dir, self.stage, self.init_model = cfg, policy, run_dir, stage, init_model
         self.world = world or World(device=policy.device)
@@ -81,18 +68,15 @@ class Trainer:
         self.metrics_log = metrics_log if self.world.is_main else None
         model = policy.model
         set_vision_trainable(model, not freeze_vision)
-        if getattr(cfg, "gradient_checkpointing", False):  # decoder layers and vision blocks recompute in backward
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing:  # decoder layers and vision blocks recompute in backward
+            hf_compat.enable_activation_checkpointing(model)
         self.runner = None
         if self.world.distributed:
             from pebr.run.fsdp import shard_model
 
-            self.runner = shard_model(model, mixed_bf16=cfg.dtype == "bfloat16", cpu_offload=getattr(cfg, "cpu_offload", False))
-        self.opt, self.sched = build_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                               warmup_steps=warmup_steps)
+            self.runner = shard_model(model, mixed_bf16=cfg.dtype == "bfloat16", cpu_offload=cfg.cpu_offload)
+        self.opt, self.sched = build_optimizer(model, lr=lr, weight_decay=cfg.optimizer.weight_decay,
+                                               betas=cfg.optimizer.betas, warmup_steps=warmup_steps)
         self.ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
         self.step = 0
         self.history: list[dict] = []
@@ -164,7 +148,7 @@ class Trainer:
         """Run until `total_steps`; checkpoint every `save_every` steps and at the end; a line of
         metrics to the log every `log_every` steps (and at the last step)."""
         cfg = self.cfg
-        every = max(1, int(getattr(cfg, "log_every", 10)))
+        every = cfg.log_every
         bar, redirect = None, None
         if cfg.progress and self.world.is_main:
             import logging
@@ -214,17 +198,22 @@ class Trainer:
             for k, v in self.forward_backward_step(mb, **shared).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip))
         skipped = 0
         if math.isfinite(norm):
             self.opt.step()
             self.sched.step()
+            self.after_optimizer_step()
         else:  # a non-finite gradient would poison AdamW's moments: skip this update, keep going
             skipped = 1
             self.log(f"step {self.step + 1}: gradient norm is {norm}; update skipped")
         self.opt.zero_grad(set_to_none=True)
         sums.update(grad_norm=norm, skipped=skipped)
         return sums
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step that changed the weights (the GRPO trainer hands them to
+        its rollout engine here)."""
 
     def forward_backward_step(self, micro_batch, **shared) -> dict:
         raise NotImplementedError

@@ -45,15 +45,16 @@ import time
 
 import torch
 
-from pebr.run.checkpoint import DataOrder
+from pebr.data.order import DataOrder
 from pebr.model.forward import image_features, response_logprobs
 from pebr.model.shared_prefix import shared_prefix_logprobs
 from pebr.model.shared_prefix import supports as shared_prefix_support
-from pebr.rollout.hf_engine import HFRollout, Rollouts, generate_rollouts
+from pebr.recipe.config import TrainConfig
+from pebr.rewards import accuracy_reward
+from pebr.rollout.factory import build_rollout_engine
+from pebr.rollout.hf_engine import generate_rollouts
+from pebr.rollout.types import Rollouts, group_rows
 from pebr.trainers.base import Trainer
-
-# Kept importable from here: they lived in this module before pebr/trainers/base.py, and scripts import them.
-from pebr.trainers.base import build_optimizer, peak_mem_mb, set_vision_trainable  # noqa: F401
 
 # Largest |rollout log-prob - recomputed log-prob| on a real token for which the rollout's are used
 # as old log-probs: exp(1e-3) moves a PPO ratio by 0.1%, far inside its clip (0.2). fp32 on CPU
@@ -77,11 +78,13 @@ class MicroBatch:
 class GRPOTrainer(Trainer):
     desc = "GRPO"
 
-    def __init__(self, cfg, *, policy, reference, items: list, reward_fn, run_dir: str, init_model: str | None,
-                 log=print, metrics_log=None, world=None):
-        """cfg: TrainConfig; policy: the Policy trained in place; reference: a frozen Policy (or None
-        when kl_coef == 0); reward_fn(text, item, num_tokens) -> dict with "overall";
-        metrics_log: a `pebr.run.metrics_log.MetricsLog` (one line per step, written by rank 0)."""
+    def __init__(self, cfg: TrainConfig, *, policy, reference, items: list, reward_fn, run_dir: str,
+                 init_model: str | None, log=print, metrics_log=None, world=None, rollout_engine=None):
+        """policy: the Policy trained in place; reference: a frozen Policy (or None when kl_coef == 0);
+        reward_fn(text, item, num_tokens) -> dict with "overall"; metrics_log: a
+        `pebr.run.metrics_log.MetricsLog` (one line per step, written by rank 0); rollout_engine: what
+        generates the rollouts (default: `cfg.rollout_engine` from pebr.rollout.factory, on this
+        trainer's policy), told of every optimizer step through its `update_weights`."""
         import engine.ops
 
         super().__init__(cfg, policy=policy, run_dir=run_dir, world=world, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -96,14 +99,18 @@ class GRPOTrainer(Trainer):
             from pebr.run.fsdp import shard_model
 
             self.ref_runner = shard_model(reference.model, mixed_bf16=cfg.dtype == "bfloat16",
-                                          cpu_offload=getattr(cfg, "cpu_offload", False))
+                                          cpu_offload=cfg.cpu_offload)
         self.order = DataOrder(len(self.items), seed=cfg.seed)
         steps_per_epoch = max(1, len(self.items) // cfg.rollout_batch)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
         self.nonfinite_rewards = 0
-        self.rollout_engine = HFRollout(policy, run=self.run, shared_prefix=getattr(cfg, "shared_prefix", True), log=self.log)
+        self.rollout_engine = rollout_engine or build_rollout_engine(cfg.rollout_engine, policy, run=self.run,
+                                                                     shared_prefix=cfg.shared_prefix, log=self.log)
         # whether the rollout's log-probs matched a recompute (None: not checked yet in this process)
         self._rollout_old_ok: bool | None = None
+
+    def after_optimizer_step(self) -> None:
+        self.rollout_engine.update_weights(self.policy.model)  # the next rollout samples the new policy
 
     def progress_postfix(self, metrics: dict) -> dict:
         recent = [m["reward/overall"] for m in self.history[-10:]]
@@ -139,7 +146,7 @@ class GRPOTrainer(Trainer):
         if kept_total:
             adv = torch.zeros(len(ro.items) * cfg.group_size)
             if groups:
-                rows = [g * cfg.group_size + j for g in groups for j in range(cfg.group_size)]
+                rows = group_rows(groups, cfg.group_size)
                 adv[rows] = self.ops.group_advantages(rewards[rows], cfg.group_size, scale=cfg.adv_scale).cpu()
             t1 = time.perf_counter()
             metrics.update(self.update(ro, adv, groups))
@@ -163,8 +170,6 @@ class GRPOTrainer(Trainer):
 
     def score(self, ro: Rollouts) -> tuple[torch.Tensor, dict[str, list[float]], list[float]]:
         """-> (rewards [P*n] fp32, component name -> P*n values, accuracy P*n)."""
-        from pebr.rewards import accuracy_reward
-
         overall, comps, acc = [], {}, []
         for row, (text, k) in enumerate(zip(ro.texts, ro.num_tokens)):
             item = ro.item_of(row)
@@ -185,7 +190,7 @@ class GRPOTrainer(Trainer):
     def _logprobs(self, which: str, ro: Rollouts, groups: list[int], width: int, *, grad: bool, entropy: bool):
         """log-probs [b, width] of the responses of these groups under the policy or the reference."""
         n = ro.group_size
-        rows = torch.tensor([g * n + j for g in groups for j in range(n)])
+        rows = torch.tensor(group_rows(groups, n))
         sub = ro.select_groups(groups) if len(groups) != len(ro.items) else ro
         L = ro.prompt_len
         seq = ro.sequences[rows][:, : L + width]
@@ -221,7 +226,7 @@ class GRPOTrainer(Trainer):
     def _use_shared_prefix(self, which: str) -> bool:
         """Whether `which` model ("policy" / "reference") runs the shared-prefix path; a model that
         cannot is logged once and runs the unshared path (the same result, more work)."""
-        if not getattr(self.cfg, "shared_prefix", True):
+        if not self.cfg.shared_prefix:
             return False
         cache = self.__dict__.setdefault("_shared_prefix_ok", {})
         if which not in cache:
@@ -238,7 +243,7 @@ class GRPOTrainer(Trainer):
             return 0.0
         if self.cfg.loss_agg == "token-mean":
             n = ro.group_size
-            return float(ro.response_mask[[g * n + j for g in groups for j in range(n)]].sum())
+            return float(ro.response_mask[group_rows(groups, n)].sum())
         return float(len(groups) * ro.group_size)
 
     def plan(self, ro: Rollouts, groups: list[int]) -> list[list[MicroBatch]]:
@@ -309,7 +314,7 @@ class GRPOTrainer(Trainer):
         that FSDP's collectives line up across ranks."""
         cfg, n = self.cfg, ro.group_size
         groups, weight = (mb.groups, mb.weight) if mb.groups else (fallback, 0.0)
-        rows = [g * n + j for g in groups for j in range(n)]
+        rows = group_rows(groups, n)
         mask = ro.response_mask[rows]
         width = max(1, int(mask.sum(0).nonzero().max()) + 1) if mask.any() else 1
         mask = mask[:, :width].to(self.device)

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from pebr.run.checkpoint import DataOrder
+from pebr.data.order import DataOrder
 from pebr.model.forward import image_features, response_logprobs
-from pebr.rollout.hf_engine import item_images
+from pebr.recipe.config import TrainConfig
 from pebr.trainers.base import Trainer
 
 
@@ -40,7 +40,7 @@ class SFTBatch:
 
 def make_sft_batch(policy, items) -> SFTBatch:
     """Items with a reference response -> prompt (left-padded) + response + <|im_end|> (right-padded)."""
-    prompt = policy.encode_prompts([item_images(it) for it in items], [it.problem for it in items])
+    prompt = policy.encode_items(items)
     end = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
     resp = [policy.tokenizer(it.reference_response, add_special_tokens=False).input_ids + [end] for it in items]
     R = max(len(r) for r in resp)
@@ -63,9 +63,10 @@ def make_sft_batch(policy, items) -> SFTBatch:
 class SFTTrainer(Trainer):
     desc = "stage 0 SFT"
 
-    def __init__(self, cfg, *, policy, items, run_dir: str, log=print, metrics_log=None, world=None):
-        """cfg: TrainConfig (its `sft` section, `seed`, `max_steps`, `save_every`); items with reference responses."""
-        items = [it for it in items if getattr(it, "reference_response", "")]
+    def __init__(self, cfg: TrainConfig, *, policy, items, run_dir: str, log=print, metrics_log=None, world=None):
+        """cfg: its `sft` and `optimizer` sections, `seed`, `max_steps`, `save_every`; items with
+        reference responses."""
+        items = [it for it in items if it.reference_response]
         if not items:
             raise ValueError("no item has a reference_response: warm-up SFT needs responses in the structured format")
         self.sft = cfg.sft

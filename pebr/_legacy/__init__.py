@@ -5,8 +5,9 @@ Until 2026-12 every module of the recipe lived in pebr/ itself (`pebr.stages`, `
 imports `pebr.grpo_trainer` gets the module that replaced it, the same module object (so
 monkeypatching it patches the real one), and one DeprecationWarning naming the new path.
 
-A module that was split in two or more is served by a small module under `pebr/_legacy_modules/`
-that re-exports its old names from their new homes.
+A module that was split in two or more is served by a small module in this package
+(`pebr/_legacy/stages.py`, ...) that re-exports its old names from their new homes; monkeypatching
+one of those patches only the alias, so tests and new code use the new paths.
 """
 from __future__ import annotations
 
@@ -19,19 +20,19 @@ import warnings
 # old module -> the module that replaced it
 MOVED = {
     "pebr.policy": "pebr.model.policy",
-    "pebr.tokenizer": "pebr.model.tokenizer",
+    "pebr.tokenizer": "pebr._legacy.tokenizer",
     "pebr.images": "pebr.model.image_encoder",
     "pebr.row_limits": "pebr.model.context_limits",
     "pebr.logprobs": "pebr.model.forward",
     "pebr.shared_prefix": "pebr.model.shared_prefix",
     "pebr.kv_cache": "pebr.rollout.kv_cache",
-    "pebr.trainer": "pebr.trainers.base",
+    "pebr.trainer": "pebr._legacy.trainer",
     "pebr.sft": "pebr.trainers.sft",
-    "pebr.grpo_trainer": "pebr.trainers.grpo",
+    "pebr.grpo_trainer": "pebr._legacy.grpo_trainer",
     "pebr.scenes": "pebr.data.scenes",
     "pebr.tasks": "pebr.data.tasks",
     "pebr.prompts": "pebr.data.prompts",
-    "pebr.checkpoint": "pebr.run.checkpoint",
+    "pebr.checkpoint": "pebr._legacy.checkpoint",
     "pebr.distributed": "pebr.run.distributed",
     "pebr.fsdp": "pebr.run.fsdp",
     "pebr.run_lock": "pebr.run.lock",
@@ -40,7 +41,7 @@ MOVED = {
     "pebr.cli": "pebr.run.cli",
     "pebr.config": "pebr.recipe.config",
     "pebr.sampling": "pebr.recipe.splits",
-    "pebr.stages": "pebr.recipe.stages",
+    "pebr.stages": "pebr._legacy.stages",
     "pebr.stats": "pebr.report.stats",
     "pebr.rewards.stages": "pebr.rewards.weighted",
 }

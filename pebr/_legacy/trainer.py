@@ -1,0 +1,4 @@
+"""`pebr.trainer` before the recipe layer moved into packages: its names, from their new homes."""
+from pebr.trainers.base import *  # noqa: F401,F403
+from pebr.trainers.base import Trainer, format_duration, peak_mem_mb  # noqa: F401
+from pebr.trainers.optim import build_optimizer, set_vision_trainable  # noqa: F401

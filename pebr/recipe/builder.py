@@ -1,0 +1,145 @@
+"""One way to build a stage, for every command: the policy and its reference, the items, the reward,
+the rollout engine and the trainer. `pebr.train` (recipe/runner.py), `pebr.experiment`
+(recipe/curriculum.py), `pebr.sample` and `pebr.eval` all load through here, so a rule (the dtype a
+sharded run loads in, the reference being the frozen starting policy, rank 0 alone touching the
+stage folder) is written once.
+
+    ckpts, latest = resume_point(cfg, sdir, world)
+    trainer = build_grpo_trainer(cfg, world, sdir=sdir, checkpoints=ckpts, latest=latest,
+                                 init_model=init, items=train_items, reward_fn=make_reward_fn(cfg))
+    trainer.train()
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from pebr.recipe.config import TrainConfig
+from pebr.run.checkpoint import Checkpointer
+from pebr.run.metrics_log import open_stage_metrics
+
+log = logging.getLogger("pebr")
+
+REWARD_KINDS = ("perception", "reasoning", "union")
+
+
+def param_dtype(cfg: TrainConfig, world=None) -> torch.dtype:
+    """The dtype parameters are loaded in. Sharded (FSDP2) runs keep fp32 master weights and
+    compute in bf16 through MixedPrecisionPolicy when --dtype bfloat16 (pebr.run.fsdp.shard_model)."""
+    if world is not None and world.distributed:
+        return torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_stage_policy(path: str, cfg: TrainConfig, world=None, *, device=None):
+    """The Policy at HF folder `path`, in the stage's dtype, on `device` (default: the world's)."""
+    from pebr.model.policy import load_policy
+
+    device = device if device is not None else world.device if world is not None else torch.device(cfg.device)
+    return load_policy(path, dtype=param_dtype(cfg, world), device=device)
+
+
+def load_rollout_policy(path: str, *, device, rollout_engine: str = "hf"):
+    """What pebr.sample and pebr.eval generate with: the Policy at HF folder `path` (fp32, unsharded,
+    on `device`) and the rollout engine `rollout_engine` on it (pebr.rollout.factory)."""
+    from pebr.model.policy import load_policy
+    from pebr.rollout.factory import build_rollout_engine
+
+    policy = load_policy(path, device=device)
+    return policy, build_rollout_engine(rollout_engine, policy)
+
+
+def load_reference(init_model: str, cfg: TrainConfig, world=None):
+    """The KL reference of a GRPO stage: its starting policy, frozen; None when kl_coef is 0."""
+    if cfg.kl_coef <= 0:
+        return None
+    reference = load_stage_policy(init_model, cfg, world)
+    reference.model.eval().requires_grad_(False)
+    return reference
+
+
+def make_reward_fn(cfg: TrainConfig, kind: str | None = None):
+    """reward_fn(text, item, num_tokens) -> dict with "overall". kind: "perception" (stage 1's
+    default), "reasoning" (stage 2's) or "union" (both, averaged: pebr.rewards.union_reward)."""
+    from pebr import rewards
+
+    kind = kind or ("perception" if cfg.stage == 1 else "reasoning")
+    if kind == "perception":
+        scorer = rewards.ClipScorer.from_pretrained(cfg.clip_model, device=cfg.device) if cfg.clip_model else None
+        weights = rewards.PerceptionWeights()
+        return lambda text, item, k: rewards.perception_reward(text, item, num_tokens=k, weights=weights, scorer=scorer)
+    if kind == "reasoning":
+        weights = rewards.ReasoningWeights()
+        return lambda text, item, k: rewards.reasoning_reward(text, item, weights=weights)
+    if kind == "union":
+        perception, reasoning = make_reward_fn(cfg, "perception"), make_reward_fn(cfg, "reasoning")
+        return lambda text, item, k: rewards.union_reward(perception(text, item, k), reasoning(text, item, k))
+    raise ValueError(f"reward kind must be one of {', '.join(REWARD_KINDS)}, got {kind!r}")
+
+
+def resume_point(cfg: TrainConfig, sdir: str, world) -> tuple[Checkpointer, str | None]:
+    """The stage's checkpoints and, with --resume, the latest one to continue from (the same on every rank)."""
+    ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
+    if cfg.resume and not latest:
+        log.info(f"--resume: no checkpoint under {ckpts.root}; starting fresh")
+    return ckpts, latest
+
+
+def prepare_stage_folder(sdir: str, ckpts: Checkpointer, *, latest: str | None, world, config: dict | None) -> None:
+    """Rank 0: a fresh run clears old checkpoints, every run sweeps half-written ones, and writes
+    config.json (when given); the other ranks wait for it."""
+    if world.is_main:
+        if not latest:
+            ckpts.clear()
+        ckpts.sweep()
+        if config is not None:
+            with open(os.path.join(sdir, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+    world.barrier()
+
+
+def build_grpo_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Checkpointer, latest: str | None,
+                       init_model: str, items: list, reward_fn, config: dict | None = None):
+    """A GRPO stage ready to train: the policy (from `latest` when resuming, else `init_model`), its
+    frozen reference, the stage folder prepared, the metrics file, and the trainer resumed."""
+    from pebr.run.distributed import seed_all
+    from pebr.trainers.grpo import GRPOTrainer
+
+    seed_all(cfg.seed, world.rank)
+    policy = load_stage_policy(latest or init_model, cfg, world)
+    reference = load_reference(init_model, cfg, world)
+    prepare_stage_folder(sdir, checkpoints, latest=latest, world=world, config=cfg.to_dict() if config is None else config)
+    trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items, reward_fn=reward_fn, run_dir=sdir,
+                          init_model=init_model, log=log.info, world=world,
+                          metrics_log=open_stage_metrics(sdir, fresh=not latest, world=world, tensorboard=cfg.tensorboard))
+    if latest:
+        trainer.resume_from(latest)
+    return trainer
+
+
+def build_sft_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Checkpointer, latest: str | None):
+    """The warm-up (stage 0) ready to train: the policy (from `latest`, --model, or the built-in tiny
+    one), its items (those that fit the context), the folder prepared, the trainer resumed."""
+    from pebr.model.policy import build_tiny_policy
+    from pebr.recipe.items import fit_context, load_items
+    from pebr.run.distributed import seed_all
+    from pebr.trainers.sft import SFTTrainer
+
+    seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
+    if latest or cfg.model:
+        policy = load_stage_policy(latest or cfg.model, cfg, world)
+    else:
+        policy = build_tiny_policy(seed=cfg.seed)
+        policy.model.to(device=world.device, dtype=param_dtype(cfg, world))
+    seed_all(cfg.seed, world.rank)
+    prepare_stage_folder(sdir, checkpoints, latest=latest, world=world, config=None)
+    items = fit_context(load_items(cfg, purpose="sft"), policy, max_new_tokens=0, reference=True)
+    trainer = SFTTrainer(cfg, policy=policy, items=items, run_dir=sdir, log=log.info, world=world,
+                         metrics_log=open_stage_metrics(sdir, fresh=not latest, world=world, tensorboard=cfg.tensorboard))
+    if latest:
+        trainer.resume_from(latest)
+    return trainer

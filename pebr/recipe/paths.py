@@ -1,0 +1,39 @@
+"""Where a run keeps its stages: OUT/stage0 (warm-up), OUT/stage1 (perception), OUT/stage2
+(reasoning), OUT/sampling (dataset-level sampling), and what a stage folder says about itself."""
+from __future__ import annotations
+
+import os
+
+from pebr.recipe.config import DIFFICULTY_LEVELS, TrainConfig
+from pebr.run.checkpoint import Checkpointer, load_trainer_state
+
+
+def stage_dir(cfg: TrainConfig, stage: int | None = None) -> str:
+    """OUT/stage{k} of `cfg`'s run (k: cfg.stage unless given)."""
+    return os.path.join(cfg.output_dir, f"stage{cfg.stage if stage is None else stage}")
+
+
+def sampling_dir(output_dir: str) -> str:
+    """OUT/sampling: the dataset-level sampling the stages of a run share."""
+    return os.path.join(output_dir, "sampling")
+
+
+def latest_policy_path(cfg: TrainConfig, stage: int) -> str | None:
+    """The latest complete checkpoint of OUT/stage{stage}, or None."""
+    return latest_stage_checkpoint(stage_dir(cfg, stage))
+
+
+def latest_stage_checkpoint(folder: str) -> str | None:
+    """The latest complete checkpoint under folder/checkpoints, or None."""
+    root = os.path.join(folder, "checkpoints")
+    return Checkpointer(root).latest() if os.path.isdir(root) else None
+
+
+def trained_difficulty(model: str) -> str:
+    """The built-in difficulty `model` (a checkpoint folder) was trained at, from the config its
+    trainer_state.json records; "standard" for a folder without one (an HF model, an older run)."""
+    try:
+        level = load_trainer_state(model).get("config", {}).get("difficulty", "standard")
+    except (OSError, ValueError, AttributeError):  # CheckpointError is a ValueError
+        return "standard"
+    return level if level in DIFFICULTY_LEVELS else "standard"
