@@ -27,8 +27,16 @@ import torch
 from pebr.errors import ConfigError
 from pebr.recipe.config import EvalConfig
 from pebr.recipe.evaluate import evaluate  # noqa: F401  (scripts import it from here)
-from pebr.report.eval_tables import (comparison_table, complete_summary, load_summaries, md,  # noqa: F401
-                                     paired_comparison, paired_table, proportion, summarize)
+from pebr.report.eval_tables import (  # noqa: F401
+    comparison_table,
+    complete_summary,
+    load_summaries,
+    md,
+    paired_comparison,
+    paired_table,
+    proportion,
+    summarize,
+)
 from pebr.report.stats import wilson_interval
 from pebr.rollout.factory import ROLLOUT_ENGINES
 from pebr.run.cli import add_fields, check_device, errors_as_exit

@@ -41,15 +41,31 @@ import sys
 import torch
 
 from pebr.recipe import config as C
-from pebr.recipe.curriculum import (ARMS, CurriculumConfig, Overrides, _SAMPLING_FLAGS, _SFT_FLAGS,  # noqa: F401
-                                    _TRAIN_FLAGS, Arm, Stage, aggregate, check_eval_seed, eval_cached,
-                                    held_out_items, kind_scores, markdown, plot, run_curriculum, stage_config,
-                                    stage_items, train_stage)
 from pebr.recipe.builder import make_reward_fn  # noqa: F401  (scripts import it from here)
+from pebr.recipe.curriculum import (  # noqa: F401
+    _SAMPLING_FLAGS,
+    _SFT_FLAGS,
+    _TRAIN_FLAGS,
+    ARMS,
+    Arm,
+    CurriculumConfig,
+    Overrides,
+    Stage,
+    aggregate,
+    check_eval_seed,
+    eval_cached,
+    held_out_items,
+    kind_scores,
+    markdown,
+    plot,
+    run_curriculum,
+    stage_config,
+    stage_items,
+    train_stage,
+)
 from pebr.report.curriculum_report import KINDS  # noqa: F401
 from pebr.rewards import UNION_FORMULA, union_reward  # noqa: F401  (scripts import them from here)
 from pebr.run.cli import add_fields, check_device, errors_as_exit, given
-
 
 # ---- command line
 

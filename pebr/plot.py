@@ -9,7 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pebr.report.metrics_plot import PANELS, Plotted, by_stage_field, default_out, draw, load, plot_metrics, plot_path  # noqa: F401
+from pebr.report.metrics_plot import (  # noqa: F401
+    PANELS,
+    Plotted,
+    by_stage_field,
+    default_out,
+    draw,
+    load,
+    plot_metrics,
+    plot_path,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

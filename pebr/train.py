@@ -25,9 +25,15 @@ import sys
 from pebr.recipe import config as C
 from pebr.recipe.paths import stage_dir  # noqa: F401  (scripts import it from here)
 from pebr.recipe.runner import run
-from pebr.run.cli import add_fields, auto_device, check_device, errors_as_exit, field_help, given
+from pebr.run.cli import (
+    add_fields,
+    auto_device,
+    check_device,
+    errors_as_exit,
+    field_help,
+    given,
+)
 from pebr.run.model_path import resolve_model_path
-
 
 # ---- command line (flags generated from the config fields: pebr.run.cli)
 

@@ -9,7 +9,6 @@ order.py     the reproducible, resumable order a stage reads its items in
 """
 import warnings as _warnings
 
-
 _SUBMODULES = {"scenes", "tasks", "prompts", "records", "order"}
 
 

@@ -44,8 +44,8 @@ from typing import Any, Iterator
 from PIL import Image
 
 from pebr.data.prompts import IMAGE_PLACEHOLDER, strip_image_placeholder
-from pebr.errors import DataError
 from pebr.data.tasks import TaskItem
+from pebr.errors import DataError
 
 KINDS = ("perception", "reasoning")
 _SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")

@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from pebr.model.image_encoder import ImageEncoder
 from pebr.data.prompts import build_prompt
+from pebr.model.image_encoder import ImageEncoder
 
 
 @dataclasses.dataclass(frozen=True)

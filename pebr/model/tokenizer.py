@@ -11,7 +11,6 @@ token per word instead of one per byte. No hub file is read.
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterable
 
 # Qwen2.5-VL's special tokens, in Qwen's order (ids right after the learned vocabulary).

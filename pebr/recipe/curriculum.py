@@ -48,7 +48,12 @@ import torch
 from pebr.data import tasks
 from pebr.errors import ConfigError, DataError
 from pebr.recipe import config as C
-from pebr.recipe.builder import build_grpo_trainer, load_rollout_policy, make_reward_fn, resume_point
+from pebr.recipe.builder import (
+    build_grpo_trainer,
+    load_rollout_policy,
+    make_reward_fn,
+    resume_point,
+)
 from pebr.recipe.evaluate import evaluate
 from pebr.recipe.items import SFT_SEED, fit_context, load_items
 from pebr.recipe.paths import latest_policy_path

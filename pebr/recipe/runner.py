@@ -19,7 +19,12 @@ import torch
 
 from pebr.errors import MissingPolicyError
 from pebr.recipe import config as C
-from pebr.recipe.builder import build_grpo_trainer, build_sft_trainer, make_reward_fn, resume_point
+from pebr.recipe.builder import (
+    build_grpo_trainer,
+    build_sft_trainer,
+    make_reward_fn,
+    resume_point,
+)
 from pebr.recipe.items import fit_context, load_items
 from pebr.recipe.paths import latest_policy_path, stage_dir
 from pebr.recipe.splits import ensure_sampling, sampling_plan, select_split

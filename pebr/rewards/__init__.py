@@ -37,10 +37,27 @@ Where this departs from the paper's reward code, and why:
 """
 from pebr.rewards.answer import GRADE_TIMEOUT_S, GRADER, accuracy_reward
 from pebr.rewards.clip import CLIP_SCALE, ClipScorer, clip_reward, clip_score_to_reward
-from pebr.rewards.perception import KEYWORD_MAX_WORDS, keyword_reward, length_reward, scene_reward
-from pebr.rewards.sections import RewardFailures, extract_answer, extract_description, format_reward
-from pebr.rewards.weighted import (UNION_FORMULA, PerceptionWeights, ReasoningWeights, perception_reward,
-                                   reasoning_reward, union_reward, visual_term)
+from pebr.rewards.perception import (
+                                   KEYWORD_MAX_WORDS,
+                                   keyword_reward,
+                                   length_reward,
+                                   scene_reward,
+)
+from pebr.rewards.sections import (
+                                   RewardFailures,
+                                   extract_answer,
+                                   extract_description,
+                                   format_reward,
+)
+from pebr.rewards.weighted import (
+                                   UNION_FORMULA,
+                                   PerceptionWeights,
+                                   ReasoningWeights,
+                                   perception_reward,
+                                   reasoning_reward,
+                                   union_reward,
+                                   visual_term,
+)
 
 __all__ = [
     "GRADER", "GRADE_TIMEOUT_S", "KEYWORD_MAX_WORDS", "CLIP_SCALE", "RewardFailures", "extract_description",

@@ -8,7 +8,12 @@ import math
 import os
 from typing import Any
 
-from pebr.rewards.sections import RewardFailures, as_text, count_failure, extract_description
+from pebr.rewards.sections import (
+    RewardFailures,
+    as_text,
+    count_failure,
+    extract_description,
+)
 
 CLIP_SCALE = 0.4  # cos >= 0.4 gives the full clip reward (paper)
 _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -7,8 +7,14 @@ import re
 from collections import Counter
 from typing import Any
 
-from pebr.rewards.sections import ANY_HEADER_RE, RewardFailures, as_text, count_failure, extract_description
 from pebr.data.scenes import COLOURS, SHAPES, Scene
+from pebr.rewards.sections import (
+    ANY_HEADER_RE,
+    RewardFailures,
+    as_text,
+    count_failure,
+    extract_description,
+)
 
 _MAX_PARSE_CHARS = 20_000  # descriptions are parsed for scene_reward up to this length
 

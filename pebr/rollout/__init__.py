@@ -11,7 +11,13 @@ kv_cache.py   decode's key/value buffers sized once per rollout
 """
 from pebr.rollout.factory import ROLLOUT_ENGINES, build_rollout_engine
 from pebr.rollout.hf_engine import HFRollout, generate_rollouts
-from pebr.rollout.types import Generation, RolloutEngine, Rollouts, SamplingParams, response_mask_from
+from pebr.rollout.types import (
+    Generation,
+    RolloutEngine,
+    Rollouts,
+    SamplingParams,
+    response_mask_from,
+)
 
 __all__ = ["ROLLOUT_ENGINES", "Generation", "HFRollout", "RolloutEngine", "Rollouts", "SamplingParams",
            "build_rollout_engine", "generate_rollouts", "response_mask_from"]

@@ -41,11 +41,17 @@ from typing import Callable
 import torch
 
 from pebr.model import hf_compat
-from pebr.rollout.kv_cache import preallocate
 from pebr.model.forward import encoder_outputs, image_features, rows_image_grid
 from pebr.model.policy import Policy, PromptBatch
-from pebr.rollout.types import Generation, RolloutEngine, Rollouts, SamplingParams, response_mask_from
 from pebr.model.shared_prefix import supports as shared_prefix_support
+from pebr.rollout.kv_cache import preallocate
+from pebr.rollout.types import (
+    Generation,
+    RolloutEngine,
+    Rollouts,
+    SamplingParams,
+    response_mask_from,
+)
 
 
 class _RecordLogprobs:

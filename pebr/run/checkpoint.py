@@ -306,7 +306,10 @@ class Checkpointer:
         if os.path.isdir(opt_dir):
             import torch.distributed as dist
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                get_optimizer_state_dict,
+                set_optimizer_state_dict,
+            )
 
             _check_dcp_metadata(opt_dir)  # dcp unpickles its .metadata without restriction
             osd = get_optimizer_state_dict(model, optimizer)  # the layout to read into (state initialized)

@@ -51,7 +51,12 @@ def shard_model(model: nn.Module, *, mixed_bf16: bool = False, cpu_offload: bool
     gradients and optimizer states live on the CPU; the optimizer step runs there); a no-op for a
     model that is on the CPU already.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     kw: dict[str, Any] = {}
     if mixed_bf16:
@@ -108,6 +113,9 @@ def full_state_dict(model: nn.Module, *, distributed: bool) -> dict[str, torch.T
     (other ranks get {}), the plain state dict otherwise. Every rank must call it."""
     if not distributed:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

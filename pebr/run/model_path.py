@@ -8,7 +8,6 @@ import re
 from pebr.errors import CheckpointError
 from pebr.run.checkpoint import _STEP_DIR, LATEST, find_latest
 
-
 _STAGE_DIR = re.compile(r"stage([0-9]+)")
 
 

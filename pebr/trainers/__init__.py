@@ -1,1 +1,2 @@
-"""See pebr/__init__.py and docs/pebr-map.md."""
+"""Training: one loop (base.py) under the warm-up SFT (sft.py) and GRPO (grpo.py); the optimizer
+(optim.py). A trainer is built by pebr.recipe.builder and reads its settings from TrainConfig."""

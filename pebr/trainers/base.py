@@ -19,15 +19,18 @@ import math
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from pebr.model import hf_compat
-from pebr.recipe.config import TrainConfig
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.distributed import World
 from pebr.run.rng import rng_state, set_rng_state
 from pebr.trainers.optim import build_optimizer, set_vision_trainable
+
+if TYPE_CHECKING:  # the type only: trainers sit below the recipe layer (docs/pebr-map.md)
+    from pebr.recipe.config import TrainConfig
 
 
 def format_duration(seconds: float) -> str:

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -49,12 +50,14 @@ from pebr.data.order import DataOrder
 from pebr.model.forward import image_features, response_logprobs
 from pebr.model.shared_prefix import shared_prefix_logprobs
 from pebr.model.shared_prefix import supports as shared_prefix_support
-from pebr.recipe.config import TrainConfig
 from pebr.rewards import accuracy_reward
 from pebr.rollout.factory import build_rollout_engine
 from pebr.rollout.hf_engine import generate_rollouts
 from pebr.rollout.types import Rollouts, group_rows
 from pebr.trainers.base import Trainer
+
+if TYPE_CHECKING:  # the type only: trainers sit below the recipe layer (docs/pebr-map.md)
+    from pebr.recipe.config import TrainConfig
 
 # Largest |rollout log-prob - recomputed log-prob| on a real token for which the rollout's are used
 # as old log-probs: exp(1e-3) moves a PPO ratio by 0.1%, far inside its clip (0.2). fp32 on CPU

@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from pebr.data.order import DataOrder
 from pebr.model.forward import image_features, response_logprobs
-from pebr.recipe.config import TrainConfig
 from pebr.trainers.base import Trainer
+
+if TYPE_CHECKING:  # the type only: trainers sit below the recipe layer (docs/pebr-map.md)
+    from pebr.recipe.config import TrainConfig
 
 
 @dataclasses.dataclass
