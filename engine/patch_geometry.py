@@ -5,7 +5,7 @@
     grid_thw = geometry.grid_thw(imgs)                 # [B, 3] int64, what the processor returns
 
 `engine.ops.patchify`, `engine.ops.patchify_embed`, `engine.reference`, `engine.image` and
-`pebr.images` all take these settings; they build one `PatchGeometry` (which checks them once) and
+`pebr.model.image_encoder` all take these settings; they build one `PatchGeometry` (which checks them once) and
 pass it on, instead of repeating six keywords and their checks. The public functions that take
 the six as keywords declare them once, through `@geometry_keywords`. Contracts: docs/ops.md#patchify.
 """

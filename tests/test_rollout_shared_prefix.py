@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-from pebr.logprobs import encoder_outputs, image_features, rows_image_grid
-from pebr.policy import Policy, build_tiny_policy
-from pebr.rollout import HFRollout, generate_rollouts
-from pebr.tasks import generate_items
+from pebr.model.forward import encoder_outputs, image_features, rows_image_grid
+from pebr.model.policy import Policy, build_tiny_policy
+from pebr.rollout.hf_engine import HFRollout, generate_rollouts
+from pebr.data.tasks import generate_items
 from tests.tiny_models import qwen2_fixture
 
 
@@ -153,7 +153,7 @@ def test_prompt_prefilled_once_per_prompt(qwen25):
 
 
 def test_a_model_that_cannot_falls_back_logged_once(qwen25, monkeypatch):
-    import pebr.rollout as rollout
+    import pebr.rollout.hf_engine as rollout
 
     items = _items(2, seed=random.randrange(10**6))
     lines = []

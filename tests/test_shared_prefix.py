@@ -1,4 +1,4 @@
-"""The shared-prefix path (pebr/shared_prefix.py) gives the unshared path's log-probs, entropies
+"""The shared-prefix path (pebr/model/shared_prefix.py) gives the unshared path's log-probs, entropies
 and every parameter gradient (fp32), for Qwen2.5-VL and Qwen2-VL, with left-padded prompts of
 different lengths, mrope positions, several groups and responses of different lengths."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from pebr.logprobs import image_features, response_logprobs
-from pebr.policy import Policy, build_tiny_policy
-from pebr.shared_prefix import shared_prefix_logprobs, supports
-from pebr.tasks import generate_items
+from pebr.model.forward import image_features, response_logprobs
+from pebr.model.policy import Policy, build_tiny_policy
+from pebr.model.shared_prefix import shared_prefix_logprobs, supports
+from pebr.data.tasks import generate_items
 from tests.tiny_models import qwen2_fixture
 
 

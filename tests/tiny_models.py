@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pebr.policy import Policy
+from pebr.model.policy import Policy
 
 
 def tiny_qwen2_vl_policy(like: Policy, *, seed: int) -> Policy:
