@@ -1,35 +1,8 @@
 """`python -m pebr.experiment curriculum`: the paper's ablation in one command. Does perception
 GRPO before reasoning GRPO help, against reasoning GRPO alone and one GRPO stage on both rewards?
 
-    python -m pebr.experiment curriculum --seeds 3 --steps 60 --output-dir runs/curriculum
-
-One warm-up (stage 0) and one dataset-level sampling are shared by every arm and seed. Then, for
-each seed s (the GRPO data order and rollout sampling), N GRPO steps per arm:
-
-    a  stage2          reasoning GRPO, N steps, medium split, from the warm-up
-    b  stage1_stage2   perception GRPO N//2 steps (easy split) from the warm-up, then reasoning
-                       GRPO N - N//2 steps (medium split) from that stage's final checkpoint
-    c  union           one GRPO stage, N steps on the easy + medium items, union reward:
-                       overall = (perception overall + reasoning overall) / 2
-                               = 0.2 scene|clip + 0.2 keyword + 0.05 length + 0.45 accuracy + 0.1 format
-
-Every stage takes the preset's GRPO settings of its stage (the union stage those of stage 2) and
-its KL reference is its own starting policy, as in `python -m pebr.train`. Each final policy and
-the warm-up are then evaluated greedily on one held-out set of built-in items (seed 999 unless
---eval-seed; the SFT pool uses seed 2, the sampled pool seed 1; an item equal to a training item
-is dropped and counted). Per arm: perception and reasoning accuracy per seed with their Wilson
-interval, their mean over seeds with a Student t interval (pebr.report.stats).
-
-OUT (--output-dir) holds:
-    warmup/stage0/          the warm-up (unless --warmup names one)
-    sampling/               the shared sampling (splits.json), as pebr.train writes it
-    eval/warmup/            the warm-up's held-out eval
-    <arm>/seed<s>/<stage>/  each GRPO stage: checkpoints/, metrics.jsonl, train.log, config.json, stage.json
-    <arm>/seed<s>/eval/     held-out responses (heldout.jsonl) and summary (heldout.summary.json)
-    curriculum.md / .png / .json   the table, the bar chart, everything
-A killed run resumes: a stage whose final checkpoint exists is skipped (a partial one continues
-from its latest checkpoint), and an eval already written for the same items is reused.
-docs/recipe.md#the-curriculum-ablation describes the ablation.
+The arms, what OUT holds and how a killed run resumes: pebr/recipe/curriculum.py (its docstring is
+this command's --help).
 """
 from __future__ import annotations
 
@@ -41,6 +14,7 @@ import sys
 import torch
 
 from pebr.recipe import config as C
+from pebr.recipe import curriculum
 from pebr.recipe.builder import make_reward_fn  # noqa: F401  (scripts import it from here)
 from pebr.recipe.curriculum import (  # noqa: F401
     _SAMPLING_FLAGS,
@@ -75,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     c = sub.add_parser("curriculum", help="a: stage 2 alone, b: stage 1 then stage 2, c: one stage on the union "
                                           "reward; held-out accuracy, mean and interval over seeds",
-                       description="\n\n".join(__doc__.split("\n\n")[1:6]),
+                       description="\n\n".join(curriculum.__doc__.split("\n\n")[1:6]),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {"": add_fields(c, CurriculumConfig)}
     shown = C.preset("tiny", 2)
