@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="comparison table (Markdown, JSON beside it) when there are two or "
                                                  "more columns (default: OUT/eval/compare_<kind>.md)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="built-in items: the side of their images in pixels (default: the size the model was trained on, "
+                        "from its trainer_state.json; 112 for a folder without one)")
     p.add_argument("--rollout-engine", default="hf", choices=ROLLOUT_ENGINES,
                    help="what generates the responses, as pebr.train --rollout-engine (default: hf)")
     return p
@@ -138,12 +141,17 @@ def _evaluate_main(args: argparse.Namespace) -> int:
         print(f"items at difficulty {args.difficulty} (the level {models[0]} was trained at; --difficulty to change)",
               file=sys.stderr)
     if models:
+        from pebr.recipe.paths import trained_image_size
+
+        image_size = args.image_size or trained_image_size(models[0])
         items = read_items(args.data, num_items=args.num_items, seed=args.seed, kind=args.kind,
-                           difficulty=args.difficulty or "standard", log=lambda m: print(m, file=sys.stderr))
+                           difficulty=args.difficulty or "standard", image_size=image_size,
+                           log=lambda m: print(m, file=sys.stderr))
         ids = "\n".join(it.id for it in items)
         items_info = {"source": args.data or "procedural", "n": len(items),
                       "ids_digest": hashlib.sha1(ids.encode()).hexdigest()[:16],
-                      **({} if args.data else {"kind": args.kind, "seed": args.seed, "difficulty": args.difficulty})}
+                      **({} if args.data else {"kind": args.kind, "seed": args.seed, "difficulty": args.difficulty,
+                                               "image_size": image_size})}
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

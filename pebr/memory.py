@@ -19,34 +19,21 @@ from __future__ import annotations
 
 import argparse
 
-# The published architectures (config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct).
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-               spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
-ARCHS = {
-    "Qwen2.5-VL-3B": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                                    num_key_value_heads=2, vocab_size=151936), tie=True),
-    "Qwen2.5-VL-7B": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                    num_key_value_heads=4, vocab_size=152064), tie=False),
-}
+from pebr.model.sizes import REAL_SIZES
+
+# the table's rows: its names for pebr.model.sizes' published architectures
+ARCHS = {"Qwen2.5-VL-3B": "qwen2.5-vl-3b", "Qwen2.5-VL-7B": "qwen2.5-vl-7b"}
 
 
 def parameter_count(name: str) -> int:
     """Parameters of architecture `name`, counted on the meta device."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pebr.model.policy import mrope_section
+    from pebr.model.sizes import real_config
 
-    arch = ARCHS[name]
-    mrope = mrope_section(arch["text"]["hidden_size"] // arch["text"]["num_attention_heads"])
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(arch["text"], rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-                         tie_word_embeddings=arch["tie"]),
-        vision_config=dict(_VISION, out_hidden_size=arch["text"]["hidden_size"]),
-        tie_word_embeddings=arch["tie"],
-    )
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        model = Qwen2_5_VLForConditionalGeneration(real_config(ARCHS[name]))
     return sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
 
 
@@ -64,8 +51,8 @@ def per_gpu_gib(params: int, world: int, *, offload: bool) -> dict[str, float]:
 
 def activations_gib_per_1k_tokens(name: str, *, checkpointing: bool) -> float:
     """Saved activations of the language model per 1,000 tokens (see the module docstring)."""
-    t = ARCHS[name]["text"]
-    H, layers = t["hidden_size"], t["num_hidden_layers"]
+    t = REAL_SIZES[ARCHS[name]]
+    H, layers = t.hidden_size, t.num_hidden_layers
     per_token = (2 * H * layers + 34 * H) if checkpointing else 34 * H * layers
     return 1000 * per_token / 2**30
 

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'sampling' is taken as that folder itself) (default: runs)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="built-in items: the side of their images in pixels (default: the size the model was trained on, "
+                        "from its trainer_state.json; 112 for a folder without one)")
     p.add_argument("--rollout-engine", default="hf", choices=ROLLOUT_ENGINES,
                    help="what generates the responses, as pebr.train --rollout-engine (default: hf)")
     return p
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from pebr.recipe.builder import load_rollout_policy
     from pebr.recipe.items import read_items
-    from pebr.recipe.paths import trained_difficulty
+    from pebr.recipe.paths import trained_difficulty, trained_image_size
     from pebr.recipe.splits import sample_dataset, sampling_meta, write_sampling
     from pebr.run.checkpoint import find_latest
     from pebr.run.distributed import init_world, seed_all
@@ -100,8 +103,9 @@ def _sample(args: argparse.Namespace) -> int:
                                      f"run `python -m pebr.train --stage 0 --output-dir {run_dir}` first")
     if not args.data and args.difficulty is None:
         args.difficulty = trained_difficulty(model)
+    image_size = args.image_size or trained_image_size(model)
     items = read_items(args.data, num_items=args.num_items, seed=args.seed, difficulty=args.difficulty,
-                       log=lambda m: print(m, file=sys.stderr))
+                       image_size=image_size, log=lambda m: print(m, file=sys.stderr))
     world = init_world(device=args.device)
     rollout_seed = args.seed if args.rollout_seed is None else args.rollout_seed
     seed_all(rollout_seed, world.rank)

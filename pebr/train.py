@@ -40,6 +40,7 @@ from pebr.run.model_path import resolve_model_path
 _RUN = ("model", "data", "output_dir", "max_steps", "resume", "seed", "device", "dtype", "save_every",
         "keep_checkpoints", "progress", "log_every", "tensorboard")
 _SCALE_OUT = ("dist_backend", "cpu_offload", "gradient_checkpointing")
+_MODEL = ("model_size", "text_layers", "vision_blocks", "image_size")
 _ALIASES = {"group_size": ["-n"]}
 _SFT_ALIASES = {"num_items": ["--sft-items"], "batch_size": ["--sft-batch"]}  # the flags' first names
 _SAMPLING_ALIASES = {"num_items": ["--sampling-items"]}
@@ -58,12 +59,14 @@ def build_parser(preset: str = "tiny", stage: int = 1) -> argparse.ArgumentParse
     p.add_argument("--preset", choices=sorted(C.PRESETS), default="tiny",
                    help=field_help(C.TrainConfig, "preset") + " (default: tiny)")
     fields = {"": add_fields(p, C.TrainConfig, shown=cfg, only=_RUN, unset_default=True)}
+    g = p.add_argument_group("model built at random init (no --model): the tiny default or a real width")
+    fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, only=_MODEL, unset_default=True)
     g = p.add_argument_group("scale-out")
     fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, only=_SCALE_OUT, unset_default=True)
     g = p.add_argument_group("optimizer (every stage)")
     fields["optimizer"] = add_fields(g, C.OptimizerConfig, shown=cfg.optimizer, unset_default=True)
     g = p.add_argument_group("GRPO (stages 1, 2)")
-    fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, skip=("stage", "preset", *_RUN, *_SCALE_OUT),
+    fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, skip=("stage", "preset", *_RUN, *_MODEL, *_SCALE_OUT),
                              aliases=_ALIASES, unset_default=True)
     g = p.add_argument_group("warm-up SFT (stage 0)")
     fields["sft"] = add_fields(g, C.SFTConfig, shown=cfg.sft, prefix="sft-", aliases=_SFT_ALIASES, unset_default=True)

@@ -133,6 +133,14 @@ class Policy:
         return sorted({int(getattr(hf_config, n)) for n in names if getattr(hf_config, n, None) is not None})
 
     @property
+    def never_sampled_ids(self) -> list[int]:
+        """Ids a rollout never samples: the vision tokens (an <|image_pad|> in a response would be read as
+        an image slot) and the rows of the LM head past the tokenizer, which no text decodes to (Qwen's
+        151,936-row head has 271 such rows, a real-width model on our tokenizer ~151,000)."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        return sorted(set(self.vision_token_ids) | set(range(len(self.tokenizer), vocab)))
+
+    @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.eos_ids[0])

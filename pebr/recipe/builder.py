@@ -122,9 +122,10 @@ def build_grpo_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Check
 
 
 def build_sft_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Checkpointer, latest: str | None):
-    """The warm-up (stage 0) ready to train: the policy (from `latest`, --model, or the built-in tiny
-    one), its items (those that fit the context), the folder prepared, the trainer resumed."""
+    """The warm-up (stage 0) ready to train: the policy (from `latest`, --model, or built at random
+    init: the tiny one or a real width, --model-size), its items (those that fit the context), the folder prepared, the trainer resumed."""
     from pebr.model.policy import build_tiny_policy
+    from pebr.model.sizes import build_sized_policy
     from pebr.recipe.items import fit_context, load_items
     from pebr.run.distributed import seed_all
     from pebr.trainers.sft import SFTTrainer
@@ -133,7 +134,11 @@ def build_sft_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Checkp
     if latest or cfg.model:
         policy = load_stage_policy(latest or cfg.model, cfg, world)
     else:
-        policy = build_tiny_policy(seed=cfg.seed)
+        if cfg.model_size == "tiny":
+            policy = build_tiny_policy(seed=cfg.seed)
+        else:
+            policy = build_sized_policy(cfg.model_size, text_layers=cfg.text_layers, vision_blocks=cfg.vision_blocks,
+                                        seed=cfg.seed, image_size=cfg.item_image_size)
         policy.model.to(device=world.device, dtype=param_dtype(cfg, world))
     seed_all(cfg.seed, world.rank)
     prepare_stage_folder(sdir, checkpoints, latest=latest, world=world, config=None)

@@ -13,7 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pebr.data.scenes import DIFFICULTIES
+from pebr.model.sizes import REAL_IMAGE_SIZE, REAL_SIZES
 from pebr.rollout.factory import ROLLOUT_ENGINES
+
+MODEL_SIZES = ("tiny", *REAL_SIZES)
+TINY_IMAGE_SIZE = 112  # the tiny policy's images: 8 x 8 patches -> 16 image tokens
 
 DIFFICULTY_LEVELS = tuple(DIFFICULTIES)
 STAGES = (0, 1, 2)
@@ -103,6 +107,13 @@ class TrainConfig:
     preset: str = opt("tiny", "tiny: sized for a 2-core CPU; paper: the paper's values (Qwen2.5-VL-7B on GPUs); see docs/recipe.md")
     model: str | None = opt(None, "HF folder (safetensors) to start from, or a stage folder (OUT/stageK) or checkpoints folder: its latest checkpoint, or a run folder (OUT): its latest stage's; none: the previous stage's output, or the built-in tiny policy for stage 0")
     data: str | None = opt(None, "JSON/JSONL/parquet records (images, problem, answer, key_words); none: built-in procedural tasks")
+    model_size: str = opt("tiny", "the policy a warm-up without --model builds at random init: tiny (the built-in default) or a real width, "
+                                   "qwen2.5-vl-3b / qwen2.5-vl-7b (the published architecture, depth cut by --text-layers and --vision-blocks, "
+                                   "our tokenizer padded to its vocabulary; pebr/model/sizes.py)", choices=MODEL_SIZES)
+    text_layers: int = opt(2, "decoder layers of a real-width --model-size (the full models have 36 (3B) and 28 (7B))")
+    vision_blocks: int = opt(1, "vision blocks of a real-width --model-size (the full tower has 32)")
+    image_size: int | None = opt(None, "side in pixels of the built-in tasks' images; none: 112 for the tiny policy, 448 for a "
+                                       "real-width --model-size (ignored with --data)")
     difficulty: str = opt("standard", "built-in tasks: objects per scene and colours (pebr/data/scenes.py DIFFICULTIES; ignored with --data)",
                           choices=DIFFICULTY_LEVELS)
     output_dir: str = opt("runs", "stage k writes OUT/stage{k}; sampling is cached in OUT/sampling")
@@ -163,7 +174,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        for name in ("group_size", "rollout_batch", "mini_batch", "micro_batch", "ppo_epochs", "epochs", "max_new_tokens", "save_every", "log_every"):
+        for name in ("text_layers", "vision_blocks", "group_size", "rollout_batch", "mini_batch", "micro_batch", "ppo_epochs", "epochs", "max_new_tokens", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_batch % self.mini_batch != 0:
@@ -176,6 +187,13 @@ class TrainConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def item_image_size(self) -> int:
+        """The side of the built-in tasks' images (image_size, else the model size's own)."""
+        if self.image_size is not None:
+            return self.image_size
+        return TINY_IMAGE_SIZE if self.model_size == "tiny" else REAL_IMAGE_SIZE
 
     @property
     def train_split(self) -> str:

@@ -194,9 +194,9 @@ def held_out_items(cc: CurriculumConfig, sft_cfg, pool: list) -> tuple[list, dic
     check_eval_seed(cc, sft_cfg)
     level = sft_cfg.difficulty
     seen = {_content(it) for it in tasks.generate_items(sft_cfg.sft.num_items, seed=SFT_SEED, kind="mixed",
-                                                        difficulty=level)}
+                                                        difficulty=level, image_size=sft_cfg.item_image_size)}
     seen |= {_content(it) for it in pool}
-    drawn = tasks.generate_items(cc.eval_items, seed=cc.eval_seed, kind="mixed", difficulty=level)
+    drawn = tasks.generate_items(cc.eval_items, seed=cc.eval_seed, kind="mixed", difficulty=level, image_size=sft_cfg.item_image_size)
     items = [it for it in drawn if _content(it) not in seen]
     ids = "\n".join(it.id for it in items)
     info = {"source": "procedural", "kind": "mixed", "seed": cc.eval_seed, "difficulty": level, "drawn": len(drawn), "n": len(items),

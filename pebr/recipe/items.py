@@ -20,9 +20,10 @@ log = logging.getLogger("pebr")
 
 
 def read_items(data: str | None, *, num_items: int, seed: int, kind: str = "mixed", difficulty: str = "standard",
-               log: Callable[[str], None] = log.info) -> list:
+               image_size: int = 112, log: Callable[[str], None] = log.info) -> list:
     """The records of `data` (each skipped row logged) or, without it, `num_items` built-in items
-    of `kind` and `difficulty` drawn from `seed`. DataError when there is no usable item."""
+    of `kind` and `difficulty` drawn from `seed`, with `image_size`-pixel images. DataError when
+    there is no usable item."""
     if data:
         res = load_record_file(data)
         log(f"data {data}: {res.summary()}")
@@ -31,7 +32,7 @@ def read_items(data: str | None, *, num_items: int, seed: int, kind: str = "mixe
         if not res.items:
             raise DataError(f"no usable rows in {data}")
         return res.items
-    items = tasks.generate_items(num_items, seed=seed, kind=kind, difficulty=difficulty)
+    items = tasks.generate_items(num_items, seed=seed, kind=kind, difficulty=difficulty, image_size=image_size)
     if not items:
         raise DataError("no items: --num-items is 0")
     return items
@@ -42,9 +43,11 @@ def load_items(cfg: TrainConfig, *, purpose: str) -> list:
     dataset-level sampling splits); --data replaces both."""
     if purpose not in ("sft", "rl"):
         raise ValueError(f"purpose must be 'sft' or 'rl', got {purpose!r}")
+    size = cfg.item_image_size
     if purpose == "sft":
-        return read_items(cfg.data, num_items=cfg.sft.num_items, seed=SFT_SEED, difficulty=cfg.difficulty)
-    return read_items(cfg.data, num_items=cfg.sampling.num_items, seed=cfg.sampling.seed, difficulty=cfg.difficulty)
+        return read_items(cfg.data, num_items=cfg.sft.num_items, seed=SFT_SEED, difficulty=cfg.difficulty, image_size=size)
+    return read_items(cfg.data, num_items=cfg.sampling.num_items, seed=cfg.sampling.seed, difficulty=cfg.difficulty,
+                      image_size=size)
 
 
 def fit_context(items: list, policy, *, max_new_tokens: int, reference: bool = False) -> list:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from pebr.recipe.config import DIFFICULTY_LEVELS, TrainConfig
+from pebr.model.sizes import REAL_IMAGE_SIZE
+from pebr.recipe.config import DIFFICULTY_LEVELS, TINY_IMAGE_SIZE, TrainConfig
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
 
 
@@ -29,11 +30,26 @@ def latest_stage_checkpoint(folder: str) -> str | None:
     return Checkpointer(root).latest() if os.path.isdir(root) else None
 
 
+def trained_config(model: str) -> dict:
+    """The TrainConfig (as a dict) a checkpoint folder's trainer_state.json records; {} for a folder
+    without one (an HF model, an older run) or an unreadable one."""
+    try:
+        config = load_trainer_state(model).get("config", {})
+    except (OSError, ValueError, AttributeError):  # CheckpointError is a ValueError
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def trained_image_size(model: str) -> int:
+    """The side of the built-in tasks' images `model` was trained on (112 for a folder that does not say)."""
+    config = trained_config(model)
+    if isinstance(config.get("image_size"), int):
+        return config["image_size"]
+    return TINY_IMAGE_SIZE if config.get("model_size", "tiny") == "tiny" else REAL_IMAGE_SIZE
+
+
 def trained_difficulty(model: str) -> str:
     """The built-in difficulty `model` (a checkpoint folder) was trained at, from the config its
     trainer_state.json records; "standard" for a folder without one (an HF model, an older run)."""
-    try:
-        level = load_trainer_state(model).get("config", {}).get("difficulty", "standard")
-    except (OSError, ValueError, AttributeError):  # CheckpointError is a ValueError
-        return "standard"
+    level = trained_config(model).get("difficulty", "standard")
     return level if level in DIFFICULTY_LEVELS else "standard"

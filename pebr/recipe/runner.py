@@ -77,7 +77,9 @@ def warmup_config(cfg: C.TrainConfig) -> C.TrainConfig:
                                dist_backend=cfg.dist_backend, cpu_offload=cfg.cpu_offload,
                                gradient_checkpointing=cfg.gradient_checkpointing, sft=cfg.sft,
                                sampling=cfg.sampling, optimizer=cfg.optimizer, log_every=cfg.log_every,
-                               keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard)
+                               keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard,
+                               model_size=cfg.model_size, text_layers=cfg.text_layers, vision_blocks=cfg.vision_blocks,
+                               image_size=cfg.image_size)
 
 
 def sft_plan(cfg: C.TrainConfig) -> str:

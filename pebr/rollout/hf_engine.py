@@ -133,9 +133,9 @@ class HFRollout:
         own_sampling = sample and params.top_p >= 1.0  # the processor draws the tokens (Gumbel-max)
         kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
             if sample and not own_sampling else dict(do_sample=False)
-        # an <|image_pad|> in a response would be read as an image slot: never sampled (the recorder
-        # suppresses the vision tokens after taking the log-probs, see _RecordLogprobs)
-        record = _RecordLogprobs(params.temperature, sample=own_sampling, suppress=policy.vision_token_ids)
+        # the vision tokens and the head's rows past the tokenizer are never sampled (the recorder
+        # suppresses them after taking the log-probs, see _RecordLogprobs and Policy.never_sampled_ids)
+        record = _RecordLogprobs(params.temperature, sample=own_sampling, suppress=policy.never_sampled_ids)
 
         def _generate(model):
             feats = image_features(model, prompt.pixel_values, prompt.image_grid_thw)
