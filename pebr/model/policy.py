@@ -238,10 +238,8 @@ def tiny_config(tokenizer, size: TinySize = TinySize()):
         num_key_value_heads=size.num_key_value_heads,
         max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
     )
+    text_ids, model_ids = token_id_fields(ids)
     vision = dict(
         depth=size.vision_depth,
         hidden_size=size.vision_hidden_size,
@@ -251,15 +249,16 @@ def tiny_config(tokenizer, size: TinySize = TinySize()):
         window_size=112,
         fullatt_block_indexes=[size.vision_depth - 1],
     )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    return Qwen2_5_VLConfig(text_config={**text, **text_ids}, vision_config=vision, tie_word_embeddings=False, **model_ids)
+
+
+def token_id_fields(ids: dict) -> tuple[dict, dict]:
+    """A tokenizer's special ids (pebr.model.tokenizer.special_ids) -> (the text config's end, pad
+    and bos ids; the model config's image, video and vision-marker ids)."""
+    text = dict(bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    model = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                 vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return text, model
 
 
 def build_tiny_policy(*, seed: int = 0, size: TinySize = TinySize(), corpus=None) -> Policy:

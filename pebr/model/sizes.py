@@ -61,7 +61,7 @@ def real_config(name: str, *, text_layers: int | None = None, vision_blocks: int
     the last block is one, so a cut tower still mixes window and full attention as the real one does."""
     from transformers import Qwen2_5_VLConfig
 
-    from pebr.model.policy import mrope_section
+    from pebr.model.policy import mrope_section, token_id_fields
 
     if name not in REAL_SIZES:
         raise ValueError(f"model size must be one of {', '.join(REAL_SIZES)}, got {name!r}")
@@ -77,9 +77,8 @@ def real_config(name: str, *, text_layers: int | None = None, vision_blocks: int
     vision = dict(QWEN25_VL_VISION, depth=blocks, fullatt_block_indexes=full, out_hidden_size=size.hidden_size)
     ids = {}
     if special_ids is not None:
-        text.update(bos_token_id=None, eos_token_id=special_ids["<|im_end|>"], pad_token_id=special_ids["<|endoftext|>"])
-        ids = dict(image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
-                   vision_start_token_id=special_ids["<|vision_start|>"], vision_end_token_id=special_ids["<|vision_end|>"])
+        text_ids, ids = token_id_fields(special_ids)
+        text.update(text_ids)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_word_embeddings, **ids)
 
 
