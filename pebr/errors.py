@@ -9,6 +9,7 @@ imports pebr catches them like any other exception.
       DataError(ValueError)    no usable items: an unreadable file, every row broken, none fits
       MissingPolicyError       the policy a stage starts from does not exist yet
       RunLockError             another run holds the folder
+      DivergedError            updates keep coming out non-finite, or the weights did
       CheckpointError(ValueError)  a checkpoint that must not be loaded or could not be written
 
 The ValueError bases keep `except ValueError` in older callers working.
@@ -43,3 +44,8 @@ class RunLockError(PebrError):
     def __init__(self, message: str = "", *, quiet: bool = False):
         super().__init__(message)
         self.quiet = quiet
+
+
+class DivergedError(PebrError):
+    """Training diverged: several updates in a row had a non-finite gradient, or the weights hold
+    non-finite values. Nothing was saved over the last good checkpoint."""

@@ -164,6 +164,8 @@ class TrainConfig:
     # -- bookkeeping
     save_every: int = opt(50, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones removed)")
+    max_skipped_updates: int = opt(3, "stop with an error after this many optimizer updates in a row skipped for a non-finite "
+                                      "gradient (a diverged run; 0: never stop)")
     progress: bool = opt(True, "tqdm progress bar with the running reward")
     log_every: int = opt(10, "one line per this many steps (step, reward, accuracy, loss, kl, step time) to the log and train.log")
     tensorboard: bool = opt(False, "also write TensorBoard event files to <stage folder>/tensorboard (needs the tensorboard package)")

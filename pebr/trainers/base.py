@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pebr.errors import DivergedError
 from pebr.model import hf_compat
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.distributed import World
@@ -48,6 +49,11 @@ def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (an FSDP2 DTensor's local shard; the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _as_float(x) -> float:
@@ -82,6 +88,7 @@ class Trainer:
                                                betas=cfg.optimizer.betas, warmup_steps=warmup_steps)
         self.ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
         self.step = 0
+        self.skipped_in_a_row = 0  # optimizer updates skipped for a non-finite gradient, consecutively
         self.history: list[dict] = []
 
     # ---- the model, wherever its shards live
@@ -107,6 +114,12 @@ class Trainer:
         }
 
     def save(self) -> str:
+        """A checkpoint of this step; DivergedError instead when the weights are not all finite, so a
+        blown-up model never replaces a good checkpoint (nor pushes one out under --keep-checkpoints)."""
+        bad = [n for n, p in self.policy.model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
+        if self.world.max([float(len(bad))])[0] > 0:  # every rank decides alike: none saves alone
+            raise DivergedError(f"step {self.step}: the weights hold non-finite values ({', '.join(bad[:3]) or 'on another rank'}"
+                                f"{', ...' if len(bad) > 3 else ''}); not saved over the last good checkpoint")
         return self.ckpt.save(self.step, self.policy, self.state_dict(), world=self.world, optimizer=self.opt,
                               rng=rng_state())
 
@@ -204,12 +217,19 @@ class Trainer:
         norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip))
         skipped = 0
         if math.isfinite(norm):
+            self.skipped_in_a_row = 0
             self.opt.step()
             self.sched.step()
             self.after_optimizer_step()
         else:  # a non-finite gradient would poison AdamW's moments: skip this update, keep going
             skipped = 1
+            self.skipped_in_a_row += 1
             self.log(f"step {self.step + 1}: gradient norm is {norm}; update skipped")
+            limit = self.cfg.max_skipped_updates
+            if limit and self.skipped_in_a_row >= limit:  # the same on every rank: the norm is global
+                raise DivergedError(f"step {self.step + 1}: {self.skipped_in_a_row} updates in a row had a non-finite "
+                                    f"gradient (--max-skipped-updates {limit}): the run diverged; lower the learning rate "
+                                    f"or resume from an earlier checkpoint")
         self.opt.zero_grad(set_to_none=True)
         sums.update(grad_norm=norm, skipped=skipped)
         return sums
