@@ -100,13 +100,9 @@ def text_only_policy(path: str | os.PathLike):
     """The Policy at HF folder `path` without its weights (config, tokenizer, preprocessor): what
     `drop_overlong` needs, for a stage that loads the full model only later. The tokenizer is set
     up as `pebr.model.policy.load_policy` sets it up (`load_tokenizer`)."""
-    from transformers import AutoConfig
-
     from pebr.model.image_encoder import ImageEncoder
-    from pebr.model.policy import Policy, load_tokenizer
+    from pebr.model.policy import Policy, load_model_config, load_tokenizer
 
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
-    model = types.SimpleNamespace(config=AutoConfig.from_pretrained(path))
+    model = types.SimpleNamespace(config=load_model_config(path))
     return Policy(model=model, tokenizer=load_tokenizer(path), images=ImageEncoder.from_folder(path))

@@ -284,21 +284,49 @@ def build_tiny_policy(*, seed: int = 0, size: TinySize = TinySize(), corpus=None
     return Policy(model=use_engine_kernels(model), tokenizer=tok, images=images)
 
 
-def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
-    """A Qwen2-VL / Qwen2.5-VL HF folder (config.json, safetensors, tokenizer files) -> Policy."""
+# Every load of a model folder: its files only, and never its Python (a folder is data, possibly untrusted).
+LOCAL_NO_CODE = dict(trust_remote_code=False, local_files_only=True)
+
+
+def load_model_config(path: str | os.PathLike):
+    """The transformers config of model folder `path`. CheckpointError (a ValueError) naming the file
+    when config.json is missing or not JSON, and when it names custom code (`auto_map`): pebr never
+    runs a folder's code, and transformers would otherwise ask on a terminal whether to."""
+    import json
+
     from transformers import AutoConfig
 
+    from pebr.errors import CheckpointError
+
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
-    cfg = AutoConfig.from_pretrained(path)
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not a readable JSON config ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{file}: not a model config (a JSON object is expected)")
+    if doc.get("auto_map"):
+        raise CheckpointError(f"{file} names custom code (auto_map: {', '.join(map(str, doc['auto_map']))[:200]}); "
+                              f"pebr loads only transformers' own Qwen2-VL / Qwen2.5-VL classes and never runs a "
+                              f"model folder's Python: remove auto_map if the folder is a plain Qwen2(.5)-VL")
+    return AutoConfig.from_pretrained(path, **LOCAL_NO_CODE)
+
+
+def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
+    """A Qwen2-VL / Qwen2.5-VL HF folder (config.json, safetensors, tokenizer files) -> Policy."""
+    path = os.fspath(path)
+    cfg = load_model_config(path)
     if cfg.model_type == "qwen2_vl":
         from transformers import Qwen2VLForConditionalGeneration as cls
     elif cfg.model_type == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as cls
     else:
         raise ValueError(f"model at {path!r} is a {cfg.model_type!r}; a Qwen2-VL or Qwen2.5-VL model is expected")
-    model = cls.from_pretrained(path, dtype=dtype).to(device)
+    model = cls.from_pretrained(path, dtype=dtype, **LOCAL_NO_CODE).to(device)
     return Policy(model=use_engine_kernels(model), tokenizer=load_tokenizer(path), images=ImageEncoder.from_folder(path))
 
 
@@ -307,7 +335,12 @@ def load_tokenizer(path: str | os.PathLike):
     chat template where the folder has none."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(os.fspath(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.fspath(path), **LOCAL_NO_CODE)
+    except (ValueError, OSError) as exc:  # a malformed tokenizer.json raises a bare JSON error otherwise
+        from pebr.errors import CheckpointError
+
+        raise CheckpointError(f"{os.fspath(path)}: its tokenizer files do not load ({type(exc).__name__}: {exc})") from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = "<|endoftext|>"
