@@ -10,6 +10,7 @@ imports pebr catches them like any other exception.
       MissingPolicyError       the policy a stage starts from does not exist yet
       RunLockError             another run holds the folder
       DivergedError            updates keep coming out non-finite, or the weights did
+      Interrupted              SIGTERM / SIGINT: the run stopped at a step boundary with a checkpoint
       CheckpointError(ValueError)  a checkpoint that must not be loaded or could not be written
 
 The ValueError bases keep `except ValueError` in older callers working.
@@ -49,3 +50,12 @@ class RunLockError(PebrError):
 class DivergedError(PebrError):
     """Training diverged: several updates in a row had a non-finite gradient, or the weights hold
     non-finite values. Nothing was saved over the last good checkpoint."""
+
+
+class Interrupted(PebrError):
+    """The run got SIGTERM or SIGINT, finished its step, saved a checkpoint and stopped. signum:
+    the signal; a command exits with 128 + signum, the shell's convention (143, 130)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import typing
 
 
@@ -151,13 +152,17 @@ def auto_device() -> str:
 def errors_as_exit(*, settings: bool = False):
     """For a `main()`: pebr's typed errors (pebr.errors.PebrError) inside the block become one
     `error: ...` line and exit status 1 instead of a traceback; a RunLockError of a rank whose
-    rank 0 already said why exits 1 quietly. settings: the block only reads flags and settings, so
+    rank 0 already said why exits 1 quietly; a run stopped by a signal (Interrupted) prints where
+    it stopped and exits 128 + the signal (143 for SIGTERM, 130 for SIGINT). settings: the block only reads flags and settings, so
     a ValueError there is a bad value too (outside such a block a ValueError is a bug: traceback)."""
-    from pebr.errors import PebrError, RunLockError
+    from pebr.errors import Interrupted, PebrError, RunLockError
 
     caught = (PebrError, ValueError) if settings else PebrError
     try:
         yield
+    except Interrupted as exc:  # not an error: one line, and the signal's conventional exit status
+        print(str(exc), file=sys.stderr, flush=True)
+        raise SystemExit(128 + exc.signum) from None
     except RunLockError as exc:
         raise SystemExit(1 if exc.quiet else f"error: {exc}") from None
     except caught as exc:

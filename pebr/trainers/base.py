@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
+import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
-from pebr.errors import DivergedError
+from pebr.errors import DivergedError, Interrupted
 from pebr.model import hf_compat
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.distributed import World
@@ -61,6 +64,42 @@ def _as_float(x) -> float:
     if hasattr(x, "full_tensor"):
         x = x.full_tensor()
     return float(x)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT during training: the first is noted and the loop stops after the current
+    step, with a checkpoint; a second one ends the process at once (exit status 128 + signal).
+    Installed only from the main thread (signal handlers can be set nowhere else); the previous
+    handlers come back with `restore`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._note)
+
+    def _note(self, signum, frame) -> None:
+        if self.signum:  # the second signal: no checkpoint wait
+            print(f"{signal.Signals(signum).name} again: exiting now, without a checkpoint of this step",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, world) -> int:
+        """The signal any rank got (every rank stops at the same step), or 0."""
+        if world is not None and world.distributed:
+            return int(world.max([float(self.signum)])[0])
+        return self.signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 class Trainer:
@@ -176,6 +215,7 @@ class Trainer:
             redirect.__enter__()
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step")
         t_start, first = time.perf_counter(), self.step
+        stop = StopSignals()
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
@@ -190,12 +230,17 @@ class Trainer:
                     self.metrics_log.append(metrics)
                 if self.step % every == 0 or self.step == self.total_steps:
                     self.log(self.step_line(metrics, eta))
-                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                    self.save()
+                signum = stop.agreed(self.world)
+                if signum or self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    path = self.save()
+                if signum:  # SIGTERM (a scheduler's preemption) or Ctrl-C: this step kept, then stop
+                    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}; "
+                                              f"checkpoint {path}: --resume continues from it")
                 if bar is not None:
                     bar.set_postfix(**self.progress_postfix(metrics))
                     bar.update(1)
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if redirect is not None:
