@@ -170,10 +170,12 @@ def main(argv=None) -> int:
             fits = {k: _fit(xs, [f(r) for r in got]) for k, f in (
                 ("working GiB", lambda r: r["gib"]["working"]), ("states GiB", lambda r: r["gib"]["states"]),
                 ("step s", lambda r: r["seconds"]["step"]))}
+            # a slope below zero is noise between runs (working memory did not shrink with depth): no line for it
             print(f"{dtype}, extrapolated (not measured) to {full} layers from {xs}: " + ", ".join(
-                f"{k} {a + b * full:.1f} ({b:+.2f} per layer)" for k, (a, b) in fits.items()))
+                f"{k} {a + b * full:.1f} ({b:+.2f} per layer)" if b >= 0 else f"{k}: no growth with depth measured"
+                for k, (a, b) in fits.items()))
     if rows:
-        print(f"machine: {rows[0]['machine']}")
+        print(rows[0]["machine"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
