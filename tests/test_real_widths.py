@@ -11,7 +11,13 @@ import torch
 
 from pebr.data.tasks import generate_items
 from pebr.model.policy import load_policy
-from pebr.model.sizes import QWEN25_VL_VISION, REAL_IMAGE_SIZE, REAL_SIZES, build_sized_policy, real_config
+from pebr.model.sizes import (
+    QWEN25_VL_VISION,
+    REAL_IMAGE_SIZE,
+    REAL_SIZES,
+    build_sized_policy,
+    real_config,
+)
 from pebr.recipe import config as C
 from pebr.rollout.hf_engine import generate_rollouts
 from pebr.run.distributed import World

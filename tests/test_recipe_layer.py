@@ -11,7 +11,14 @@ import torch
 
 from pebr import train
 from pebr.data.tasks import generate_items
-from pebr.errors import CheckpointError, ConfigError, DataError, MissingPolicyError, PebrError, RunLockError
+from pebr.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingPolicyError,
+    PebrError,
+    RunLockError,
+)
 from pebr.model.policy import build_tiny_policy
 from pebr.recipe import config as C
 from pebr.recipe.items import read_items
