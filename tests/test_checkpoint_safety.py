@@ -13,11 +13,18 @@ import pytest
 import torch
 
 from pebr import train
-from pebr.run.checkpoint import (LEGACY_STATE_FILE, STATE_FILE, Checkpointer, CheckpointError, find_latest,
-                                 load_trainer_state)
+from pebr.model.policy import build_tiny_policy, load_policy
+from pebr.run.checkpoint import (
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    Checkpointer,
+    CheckpointError,
+    find_latest,
+    load_trainer_state,
+    write_manifest,
+)
 from pebr.run.model_path import resolve_model_path
 from pebr.run.rng import rng_state, set_rng_state
-from pebr.model.policy import build_tiny_policy, load_policy
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +125,11 @@ def test_resume_refuses_a_planted_rng_file(tmp_path):
     marker = str(tmp_path / "pwned")
     with open(os.path.join(latest, "rng_rank0.pt"), "wb") as f:
         pickle.dump(_Planted(marker), f, protocol=2)
-    with pytest.raises(SystemExit, match="^error: refusing to load .*rng_rank0.pt"):  # one line, no traceback
+    # the checkpoint's manifest sees the file changed: --resume refuses, naming it (one line, no traceback)
+    with pytest.raises(SystemExit, match="^error: --resume: no checkpoint .* verifies .*rng_rank0.pt is [0-9]+ bytes"):
+        train.main([*args, "--max-steps", "2", "--resume"])
+    write_manifest(latest)  # a planter who rewrites the manifest too still meets the loader's refusal
+    with pytest.raises(SystemExit, match="^error: refusing to load .*rng_rank0.pt"):
         train.main([*args, "--max-steps", "2", "--resume"])
     assert not os.path.exists(marker)
 

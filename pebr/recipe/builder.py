@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from pebr.errors import CheckpointError
 from pebr.recipe.config import TrainConfig
 from pebr.run.checkpoint import Checkpointer
 from pebr.run.metrics_log import open_stage_metrics
@@ -85,6 +86,11 @@ def resume_point(cfg: TrainConfig, sdir: str, world) -> tuple[Checkpointer, str 
     ckpts = Checkpointer(os.path.join(sdir, "checkpoints"), keep=cfg.keep_checkpoints)
     latest = world.broadcast_object(ckpts.latest() if cfg.resume else None)
     if cfg.resume and not latest:
+        damaged = ckpts.unverified()
+        if damaged:  # starting fresh would throw the run away: say why instead
+            raise CheckpointError(f"--resume: no checkpoint under {ckpts.root} verifies ("
+                                  + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged[:3])
+                                  + "); restore the files, or run without --resume to start the stage again")
         log.info(f"--resume: no checkpoint under {ckpts.root}; starting fresh")
     return ckpts, latest
 

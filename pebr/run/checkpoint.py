@@ -30,6 +30,11 @@ rank: OSError ENOSPC "no space left on device ..." when the disk is full, whatev
 writer used (torch.save says `basic_ios::clear: iostream error`); `latest` still names the
 previous checkpoint.
 
+Each checkpoint records every file's size and a CRC-32 of its first and last 64 KiB
+(`manifest.json`, written last); a checkpoint whose files do not match (a file cut short by a full
+disk or a copy, or changed) is not complete: `latest`, `--resume` and `--model` fall back to the
+newest checkpoint that verifies and log which one was skipped and why.
+
 Loading trusts no file: `rng_rank{r}.pt` and a legacy `trainer_state.pt` are read with
 `torch.load(weights_only=True)` (RNG states are stored as tensors and plain numbers; older files'
 NumPy key arrays are allowed, nothing else), the optimizer's `.metadata` pickle is checked against
@@ -50,11 +55,18 @@ import re
 import shutil
 import tempfile
 import warnings
+import zlib
 
 import numpy as np
 import torch
 
 from pebr.errors import CheckpointError  # noqa: F401  (raised here; importable from here as before)
+
+try:  # torch.distributed.checkpoint's error derives from BaseException: `except Exception` misses it
+    from torch.distributed.checkpoint.api import CheckpointException as _DcpError
+except ImportError:  # a torch built without distributed
+    class _DcpError(Exception):
+        pass
 
 STATE_FILE = "trainer_state.json"
 LEGACY_STATE_FILE = "trainer_state.pt"  # checkpoints written before torch.distributed.checkpoint
@@ -131,9 +143,63 @@ def _make_readable(folder: str) -> None:
             _chmod_add(os.path.join(dirpath, name), 0o644)
 
 
+MANIFEST_FILE = "manifest.json"  # every file's size and a sampled CRC-32, written last (checkpoints since 2026-12)
+_CRC_SPAN = 1 << 16  # bytes hashed at each end of a file: catches truncation and torn ends cheaply
+
+
+def _sampled_crc(path: str, size: int) -> int:
+    """CRC-32 of a file's first and last 64 KiB (all of it when smaller): a cheap check, not a hash."""
+    with open(path, "rb") as f:
+        head = f.read(_CRC_SPAN)
+        tail = b""
+        if size > 2 * _CRC_SPAN:
+            f.seek(size - _CRC_SPAN)
+            tail = f.read(_CRC_SPAN)
+        elif size > _CRC_SPAN:
+            tail = f.read()
+    return zlib.crc32(tail, zlib.crc32(head))
+
+
+def write_manifest(folder: str) -> None:
+    """folder/manifest.json: {relative path: {"size", "crc32"}} of every file under `folder`."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, folder)
+            if rel != MANIFEST_FILE:
+                size = os.path.getsize(full)
+                files[rel] = {"size": size, "crc32": _sampled_crc(full, size)}
+    with open(os.path.join(folder, MANIFEST_FILE), "w") as f:
+        json.dump({"files": files}, f, indent=0, sort_keys=True)
+
+
+def verify(path: str) -> str | None:
+    """None when checkpoint `path` holds what its manifest recorded (or has no manifest: an older
+    checkpoint), else why not, in a few words (a file missing, cut short, or changed)."""
+    manifest = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+        for rel, want in sorted(files.items()):
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                return f"{rel} is missing"
+            size = os.path.getsize(full)
+            if size != want["size"]:
+                return f"{rel} is {size} bytes, {want['size']} when saved"
+            if _sampled_crc(full, size) != want["crc32"]:
+                return f"{rel} changed since it was saved (checksum)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"its {MANIFEST_FILE} is unreadable ({type(exc).__name__})"
+    return None
+
+
 def _is_complete(path: str) -> bool:
     has_state = any(os.path.isfile(os.path.join(path, f)) for f in (STATE_FILE, LEGACY_STATE_FILE))
-    return has_state and os.path.isfile(os.path.join(path, "config.json"))
+    return has_state and os.path.isfile(os.path.join(path, "config.json")) and verify(path) is None
 
 
 def _inside(root: str, path: str) -> bool:
@@ -180,7 +246,14 @@ def find_latest(root: str | os.PathLike) -> str | None:
                                   f"refusing to follow it; replace the link by the checkpoint folder itself")
         if name and _is_complete(cand):
             return cand
+        if name and os.path.isdir(cand) and (why := verify(cand)) is not None:
+            log.warning(f"checkpoints: {pointer} names {name}, which does not verify ({why}); "
+                        f"using the newest checkpoint that does")
     steps = _complete_steps(root)
+    for name in sorted(os.listdir(root), reverse=True):  # newer step folders passed over: say why
+        m = _STEP_DIR.fullmatch(name)
+        if m and (not steps or int(m.group(1)) > steps[-1]) and (why := verify(os.path.join(root, name))) is not None:
+            log.warning(f"checkpoints: skipping {os.path.join(root, name)}: {why}")
     return os.path.join(root, f"step_{steps[-1]:07d}") if steps else None
 
 
@@ -201,6 +274,17 @@ class Checkpointer:
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
         return _complete_steps(self.root)
+
+    def unverified(self) -> list[tuple[str, str]]:
+        """[(path, why)] of the step folders with state that fail verification, newest first."""
+        out = []
+        for name in sorted(os.listdir(self.root), reverse=True):
+            path = os.path.join(self.root, name)
+            if _STEP_DIR.fullmatch(name) and os.path.isfile(os.path.join(path, STATE_FILE)):
+                why = verify(path)
+                if why is not None:
+                    out.append((path, why))
+        return out
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, f"step_{step:07d}")
@@ -234,13 +318,14 @@ class Checkpointer:
         try:
             if tmp is not None:
                 self._write_parts(tmp, policy, state, world, optimizer, rng, model_state)
-        except Exception as exc:  # a full disk shows as OSError, RuntimeError, SafetensorError, ...: all fail alike
-            error = exc
+        except (Exception, _DcpError) as exc:  # a full disk shows as OSError, RuntimeError, SafetensorError, dcp's
+            error = exc                         # CheckpointException (a BaseException): all fail alike
         # every rank's files are in tmp, or some rank failed: then all fail together, none waits
         if world.max([0.0 if error is None else 1.0])[0] > 0:
             self._failed_save(step, tmp, error, world)
         if world.is_main:
             try:
+                write_manifest(tmp)  # every rank's files are in: their sizes and checksums, checked at load
                 _make_readable(tmp)
                 _chmod_add(self.root, 0o755)
                 _fsync_tree(tmp)  # a full disk may show only here (delayed allocation)
