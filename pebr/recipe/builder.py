@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from pebr.errors import CheckpointError
+from pebr.errors import CheckpointError, ConfigError
 from pebr.recipe.config import TrainConfig
 from pebr.run.checkpoint import Checkpointer
 from pebr.run.metrics_log import open_stage_metrics
@@ -92,7 +92,27 @@ def resume_point(cfg: TrainConfig, sdir: str, world) -> tuple[Checkpointer, str 
                                   + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged[:3])
                                   + "); restore the files, or run without --resume to start the stage again")
         log.info(f"--resume: no checkpoint under {ckpts.root}; starting fresh")
+    if latest:
+        check_resume(cfg, latest)
     return ckpts, latest
+
+
+def check_resume(cfg: TrainConfig, latest: str) -> None:
+    """ConfigError naming each flag whose value differs from the checkpoint's run (pebr.recipe.config
+    .resume_conflicts), and --model naming another starting policy than the one the run started from:
+    a resumed run computes what the run it continues did, and records what it runs."""
+    from pebr.recipe.config import resume_conflicts
+    from pebr.run.checkpoint import load_trainer_state
+
+    state = load_trainer_state(latest)
+    conflicts = resume_conflicts(cfg, state.get("config") or {})
+    started = state.get("init_model") if cfg.stage else (state.get("config") or {}).get("model")
+    if cfg.model and (started is None or os.path.realpath(cfg.model) != os.path.realpath(started)):
+        conflicts.append(f"--model {cfg.model} (the run being resumed started from "
+                         f"{started or 'a policy built at random init'})")
+    if conflicts:
+        raise ConfigError(f"--resume from {latest}: {'; '.join(conflicts)}; resume with the run's own settings, "
+                          f"or start the stage again without --resume")
 
 
 def prepare_stage_folder(sdir: str, ckpts: Checkpointer, *, latest: str | None, world, config: dict | None) -> None:

@@ -10,6 +10,7 @@ Each field's reason is written once, in `opt(default, help)`: the command lines 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from pebr.data.scenes import DIFFICULTIES
@@ -273,3 +274,33 @@ def preset(name: str, stage: int = 1) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name](stage)
+
+
+# Fields a resumed run may change: where and how long it runs, how it reports and saves, how it is
+# sharded. Every other field defines what the run computes and must match the run being resumed.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "max_steps", "save_every", "keep_checkpoints", "max_skipped_updates", "progress", "log_every",
+    "tensorboard", "device", "dist_backend", "cpu_offload", "gradient_checkpointing", "output_dir", "model",
+})
+_SECTION_FLAG = {"sft": "--sft-", "sampling": "--sampling-", "optimizer": "--"}
+
+
+def resume_conflicts(cfg: TrainConfig, saved: dict) -> list[str]:
+    """How `cfg` differs from the config a checkpoint recorded (its trainer_state.json "config"), in
+    the fields that define the run: ["--group-size 2 (the run being resumed has 4)", ...]. Fields the
+    checkpoint does not record (written by an older version) are not compared."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as the checkpoint holds them
+    out = []
+    for key, value in now.items():
+        if key in RESUME_MAY_CHANGE or key not in saved:
+            continue
+        pairs = ([(f"{_SECTION_FLAG[key]}{k}", v, saved[key].get(k, v)) for k, v in value.items()]
+                 if isinstance(value, dict) and isinstance(saved[key], dict) else [(f"--{key}", value, saved[key])])
+        for flag, new, old in pairs:
+            if new != old:
+                out.append(f"{flag.replace('_', '-')} {_show_value(new)} (the run being resumed has {_show_value(old)})")
+    return out
+
+
+def _show_value(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
