@@ -8,6 +8,9 @@ chunk's logits (`[chunk, V]`, in the input dtype; the matmul accumulates in fp32
 buffer, turns them into dlogits in place (`token_logprobs_bwd_inplace`), then
 `dhidden[chunk] = dlogits @ W`, `dW += dlogits.T @ hidden[chunk]` (one GEMM into an fp32
 accumulator), `dbias += dlogits.sum(0)`. Peak extra memory: one chunk buffer plus the gradients.
+Where torch has no 16-bit GEMM into fp32 (CPU), a 16-bit backward with N < V runs by blocks of
+vocabulary columns instead (`_backward_by_vocab_blocks`): dW is written once per block, and the
+fp32 accumulator is dhidden's [N, H], not dW's [V, H].
 Nothing in either chunk loop waits for the device: no `.item()`, no branch on a tensor's value;
 the id range is checked once before the loop, the +inf / temperature rule once after it.
 Contract: `docs/ops.md#linear_token_logprobs`.
@@ -239,6 +242,11 @@ def linear_token_logprobs_backward_op(
     is not needed (or a bias that is None) comes back as an empty [0] tensor and costs no matmul."""
     n, V = hidden.shape[0], weight.shape[0]
     need_bias = need_bias and bias is not None
+    if n > 0 and need_weight and _by_vocab_blocks(hidden, n, V):
+        return _backward_by_vocab_blocks(
+            hidden, weight, ids, bias, stats, entropy, grad_logp, grad_entropy, temperature, chunk_size,
+            kernels.get("token_logprobs_bwd_inplace", backend), need_hidden, need_bias,
+        )
     grad_hidden = hidden.new_empty(hidden.shape if need_hidden else (0,))
     # dW/dbias accumulate in fp32 (for fp32 inputs: the output itself), so that summing over chunks
     # does not round to 16 bits each time; cast to the weight's dtype once, at the end
@@ -267,13 +275,68 @@ def linear_token_logprobs_backward_op(
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
+def _by_vocab_blocks(hidden, n: int, V: int) -> bool:
+    """Whether the backward runs by vocabulary blocks (`_backward_by_vocab_blocks`): 16-bit inputs
+    where torch has no GEMM from them into fp32 (CPU), and fewer rows than vocabulary entries, so
+    its fp32 [N, H] dhidden accumulator is smaller than the [V, H] one of the row chunks' dW."""
+    return hidden.dtype != torch.float32 and n < V and not mixed_addmm_supported(hidden.device, hidden.dtype)
+
+
+def _backward_by_vocab_blocks(hidden, weight, ids, bias, stats, entropy, grad_logp, grad_entropy, temperature,
+                              chunk_size, bwd_inplace, need_hidden, need_bias):
+    """The backward for 16-bit inputs without a mixed GEMM (CPU), by blocks of vocabulary columns.
+
+    Row chunks would need dW's sum over chunks in an fp32 [V, H] accumulator (2x the weight) plus
+    a [V, H] temporary for each chunk's 16-bit GEMM (1.9 GB at Qwen2.5-VL-3B's head). Here the
+    outer loop runs over blocks of c vocabulary rows instead, each with all N rows: the block's
+    logits [N, c] are recomputed into one reused buffer, turned into dlogits in place by the same
+    row kernel (each dlogit needs only its row's stats, so a block of columns is enough), then
+      dW[block] = dlogits.T @ hidden     written once, straight into the output (one rounding,
+                                         after the GEMM's fp32 sum over all N rows)
+      dhidden  += dlogits @ W[block]     one [N, H] 16-bit GEMM per block, added into fp32
+      dbias[block] = sum_rows dlogits    (fp32)
+    Each block's dhidden term is rounded once before the fp32 sum: its error is at most half an ulp
+    of |dlogits_block| @ |W_block|, and those add up to |dlogits| @ |W|, the scale one rounding of
+    the whole product has. The buffer holds as many logits as the forward's chunk (chunk_size rows
+    of V), and c + 32 columns a row: column c is a sink, the local id of rows whose id lies outside
+    the block (their one-hot term belongs to another block), discarded with the columns past it.
+    """
+    n, H = hidden.shape
+    V = weight.shape[0]
+    cols = max(64, min(chunk_size, n) * V // n // 64 * 64)
+    blocks = -(-V // cols)
+    per_block = -(-V // blocks)  # ceil: equal blocks ...
+    cols = min(V, -(-per_block // 64) * 64)  # ... of a multiple of 64 columns
+    buf = hidden.new_zeros((n, cols + 32))
+    grad_weight = torch.empty_like(weight)
+    grad_bias = torch.zeros(V if need_bias else 0, dtype=torch.float32, device=weight.device)
+    acc = torch.zeros((n, H) if need_hidden else (0,), dtype=torch.float32, device=hidden.device)
+    partial = torch.empty_like(hidden) if need_hidden else None
+    ids = ids.long()
+    for v0 in range(0, V, cols):
+        v1 = min(v0 + cols, V)
+        c = v1 - v0
+        w = weight[v0:v1]
+        z = _chunk_logits(hidden, w, None if bias is None else bias[v0:v1], buf[:, :c])
+        local = torch.where((ids >= v0) & (ids < v1), ids - v0, c)  # c: the sink column
+        bwd_inplace(logits=buf, ids=local, stats=stats, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
+                    temperature=temperature)
+        torch.mm(z.t(), hidden, out=grad_weight[v0:v1])
+        if need_hidden:
+            acc.add_(torch.mm(z, w, out=partial))
+        if need_bias:
+            grad_bias[v0:v1] = z.sum(0, dtype=torch.float32)
+    grad_hidden = acc.to(hidden.dtype) if need_hidden else hidden.new_empty((0,))
+    return grad_hidden, grad_weight, grad_bias.to(weight.dtype)
+
+
 def _dw_accumulator(hidden, weight):
     """`add(acc, a, b)`: acc (fp32) += a @ b for a, b in the input dtype, as cheaply as the device allows.
 
     fp32 inputs: `addmm_` into the accumulator. bf16/fp16 where torch has the mixed GEMM (CUDA:
     `torch.addmm(..., out_dtype=torch.float32)`, fp32 accumulator in and out): one GEMM, no
-    temporary. Elsewhere (CPU) one chunk's dW goes through a reused [V, H] buffer in the input
-    dtype and is added into fp32: the chunk rule keeps that to a few adds (N / chunk of them).
+    temporary. Elsewhere (CPU, where N >= V; below that `_backward_by_vocab_blocks` runs) one
+    chunk's dW goes through a reused [V, H] buffer in the input dtype and is added into fp32.
     """
     if hidden.dtype == torch.float32:
         return lambda acc, a, b: acc.addmm_(a, b)

@@ -271,6 +271,49 @@ def test_16bit_dweight_is_one_gemm_into_fp32_without_temporary(backend_name, dev
     assert mixed == [min(chunk_size, 13 - s) for s in range(0, 13, chunk_size)] and temporaries == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_16bit_backward_without_mixed_gemm_has_no_vh_accumulator(backend_name, device, monkeypatch, dtype, chunk_size):
+    """Where torch has no 16-bit GEMM into fp32 (CPU) and N < V, the backward runs by vocabulary
+    blocks: no fp32 [V, H] accumulator and no [V, H] temporary (each block's dW is written once into
+    the output), and all three gradients still match fp64. chunk_size=3 with 29 rows and V = 997: blocks
+    of 128 columns, the last one shorter; rows whose id is in another block (the sink column)."""
+    if backend_name == "torch":
+        pytest.skip("the torch backend is the plain reference: no chunks")
+    _skip_interpreter(backend_name, dtype)
+    hidden, weight, bias, ids = make((29,), 24, 997, dtype, device)
+    probed = getattr(ltl, "_MIXED_ADDMM", {})
+    monkeypatch.setitem(probed, (device.type, dtype), False)
+    big = []
+    real_zeros, real_mm = torch.zeros, torch.mm
+
+    def zeros(*shape, **kw):
+        t = real_zeros(*shape, **kw)
+        if t.numel() >= weight.numel():
+            big.append(("zeros", tuple(t.shape), t.dtype))
+        return t
+
+    def mm(a, b, *args, **kw):
+        if kw.get("out") is not None and kw["out"].numel() >= weight.numel():
+            big.append(("mm out", tuple(kw["out"].shape), kw["out"].dtype))
+        return real_mm(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch, "mm", mm)
+    check(backend_name, hidden, weight, bias, ids, temperature=1.1, chunk_size=chunk_size)
+    assert big == []
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_16bit_backward_with_more_rows_than_vocab(backend_name, device, monkeypatch, chunk_size):
+    """N >= V (40 rows, V = 37) without the mixed GEMM: the row chunks' path (dW through a [V, H]
+    temporary into fp32), against fp64."""
+    _skip_interpreter(backend_name, torch.bfloat16)
+    monkeypatch.setitem(getattr(ltl, "_MIXED_ADDMM", {}), (device.type, torch.bfloat16), False)
+    hidden, weight, bias, ids = make((40,), 16, 37, torch.bfloat16, device)
+    check(backend_name, hidden, weight, bias, ids, chunk_size=chunk_size)
+
+
 BAD_INPUTS = [
     ("ids", lambda h, w, b, i: (h, w, b, torch.full_like(i, w.shape[0]))),  # id == V
     ("ids", lambda h, w, b, i: (h, w, b, torch.full_like(i, -1))),
