@@ -39,7 +39,7 @@ from pebr.report.eval_tables import (  # noqa: F401
 )
 from pebr.report.stats import wilson_interval
 from pebr.rollout.factory import ROLLOUT_ENGINES
-from pebr.run.cli import add_fields, check_device, errors_as_exit
+from pebr.run.cli import add_fields, add_generation_flags, check_device, errors_as_exit
 
 
 def _write_json(path: str, obj) -> None:
@@ -74,11 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="comparison table (Markdown, JSON beside it) when there are two or "
                                                  "more columns (default: OUT/eval/compare_<kind>.md)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="built-in items: the side of their images in pixels (default: the size the model was trained on, "
-                        "from its trainer_state.json; 112 for a folder without one)")
-    p.add_argument("--rollout-engine", default="hf", choices=ROLLOUT_ENGINES,
-                   help="what generates the responses, as pebr.train --rollout-engine (default: hf)")
+    add_generation_flags(p, ROLLOUT_ENGINES)
     return p
 
 

@@ -17,7 +17,7 @@ from pebr.errors import MissingPolicyError
 from pebr.recipe.config import DIFFICULTY_LEVELS, PRESETS, SamplingConfig
 from pebr.recipe.config import preset as config_preset
 from pebr.rollout.factory import ROLLOUT_ENGINES
-from pebr.run.cli import add_fields, check_device, errors_as_exit
+from pebr.run.cli import add_fields, add_generation_flags, check_device, errors_as_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'sampling' is taken as that folder itself) (default: runs)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="built-in items: the side of their images in pixels (default: the size the model was trained on, "
-                        "from its trainer_state.json; 112 for a folder without one)")
-    p.add_argument("--rollout-engine", default="hf", choices=ROLLOUT_ENGINES,
-                   help="what generates the responses, as pebr.train --rollout-engine (default: hf)")
+    add_generation_flags(p, ROLLOUT_ENGINES)
     return p
 
 

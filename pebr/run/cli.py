@@ -141,6 +141,17 @@ def check_device(device: str) -> str:
     return d
 
 
+def add_generation_flags(parser, engines: tuple[str, ...]) -> None:
+    """The flags of the commands that generate from a checkpoint (pebr.sample, pebr.eval): the
+    images' size of built-in items and the rollout engine (one of `engines`: pebr.rollout.factory's
+    names, passed in, since this layer sits below the rollout's), as pebr.train names them."""
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="built-in items: the side of their images in pixels (default: the size the model was "
+                             "trained on, from its trainer_state.json; 112 for a folder without one)")
+    parser.add_argument("--rollout-engine", default="hf", choices=engines,
+                        help="what generates the responses, as pebr.train --rollout-engine (default: hf)")
+
+
 def auto_device() -> str:
     """The default --device: cuda when a GPU is usable, else cpu."""
     import torch
