@@ -6,7 +6,7 @@ import os
 
 from pebr.model.sizes import REAL_IMAGE_SIZE
 from pebr.recipe.config import DIFFICULTY_LEVELS, TINY_IMAGE_SIZE, TrainConfig
-from pebr.run.checkpoint import Checkpointer, load_trainer_state
+from pebr.run.checkpoint import find_latest, load_trainer_state
 
 
 def stage_dir(cfg: TrainConfig, stage: int | None = None) -> str:
@@ -20,14 +20,8 @@ def sampling_dir(output_dir: str) -> str:
 
 
 def latest_policy_path(cfg: TrainConfig, stage: int) -> str | None:
-    """The latest complete checkpoint of OUT/stage{stage}, or None."""
-    return latest_stage_checkpoint(stage_dir(cfg, stage))
-
-
-def latest_stage_checkpoint(folder: str) -> str | None:
-    """The latest complete checkpoint under folder/checkpoints, or None."""
-    root = os.path.join(folder, "checkpoints")
-    return Checkpointer(root).latest() if os.path.isdir(root) else None
+    """The latest complete checkpoint of OUT/stage{stage}, or None (creates nothing)."""
+    return find_latest(os.path.join(stage_dir(cfg, stage), "checkpoints"))
 
 
 def trained_config(model: str) -> dict:

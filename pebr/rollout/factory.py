@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-# name -> what it is (the names are the config field's choices; keep this import-light)
+# name -> what it is (the names are TrainConfig.rollout_engine's choices and the flags')
 ROLLOUT_ENGINES_HELP = {
     "hf": "transformers' generate with a KV cache, in this process, on the live policy",
 }

@@ -11,7 +11,7 @@ from pebr.run.checkpoint import _STEP_DIR, LATEST, find_latest
 _STAGE_DIR = re.compile(r"stage([0-9]+)")
 
 
-def latest_stage_checkpoint(run_dir: str) -> tuple[str, str | None] | None:
+def _last_stage_checkpoint(run_dir: str) -> tuple[str, str | None] | None:
     """A run folder (OUT, holding stage0/, stage1/, ...) -> (its last stage folder that has
     checkpoints/, that stage's latest complete checkpoint or None); None when it holds no stage."""
     stages = sorted((int(m.group(1)), name) for name in os.listdir(run_dir)
@@ -48,7 +48,7 @@ def resolve_model_path(path: str | os.PathLike) -> str:
             return found
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise CheckpointError(f"--model {path}: {os.path.join(path, 'checkpoints')} holds no checkpoint yet")
-    run = latest_stage_checkpoint(path)
+    run = _last_stage_checkpoint(path)
     if run is not None:
         stage, found = run
         if found is None:
