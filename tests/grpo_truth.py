@@ -104,6 +104,20 @@ def _fp64(logp, adv, mask, *, old_logp=None, ref_logp=None, clip_low=0.2, clip_h
     ppo = (old - lp) if old_logp is not None else torch.zeros_like(lp)
     metrics = {"clipfrac_high": tmean(hi), "clipfrac_low": tmean(lo), "ppo_kl": tmean(ppo), "kl": tmean(kl)}
     scales = {name: max(1.0, float(tmean(v.abs()))) for name, v in zip(METRICS, (hi, lo, ppo, kl))}
+    # The clip fractions count tokens whose ratio is past a threshold. A kernel computes the ratio in
+    # fp32 (a subtraction and an exp: a few roundings), so a token whose fp64 ratio lies within
+    # K_SUM fp32 ulps of its threshold may fall on either side, in the kernel and in the fp32
+    # reference alike (CI failed once on clipfrac_low: one such token of ~8,000, 1.6e-4). That
+    # token mass is added to the bound (k * eps * scale); it is 0 on almost every draw.
+    eps32 = torch.finfo(torch.float32).eps
+
+    def near(threshold):
+        return (ratio.detach() - threshold).abs() <= K_SUM * eps32 * threshold
+
+    tie_hi = ((a > 0) & near(1 - clip_low)) | ((a < 0) & near(1 + clip_high))
+    tie_lo = (a < 0) & near(dual_clip) if dual_clip is not None else torch.zeros_like(tie_hi)
+    for name, tie in (("clipfrac_high", tie_hi), ("clipfrac_low", tie_lo)):
+        scales[name] += float(tmean(tie.double())) / (K_SUM * eps32)
     scales["loss"] = max(1.0, float(loss_mag))
     scales["dlogp"] = float((token_weight.abs() * grad_terms).max()) if lp.numel() else 0.0
     return loss, metrics, scales
