@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from engine import nvtx
 from pebr.model import hf_compat
 from pebr.model.forward import encoder_outputs, image_features, rows_image_grid
 from pebr.model.policy import Policy, PromptBatch
@@ -160,7 +161,8 @@ class HFRollout:
                 **settings,
             )
 
-        out = self.run(_generate)
+        with nvtx.range("generate"):  # the sampler's whole decode, prefill included
+            out = self.run(_generate)
         L = prompt.input_ids.shape[1]
         responses = out[:, L:]
         if responses.shape[1] == 0:  # nothing generated (max_new_tokens reached 0): keep one pad column

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine import nvtx
 from pebr.errors import DivergedError, Interrupted
 from pebr.model import hf_compat
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
@@ -259,11 +260,13 @@ class Trainer:
             for k, v in self.forward_backward_step(mb, **shared).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip))
+        with nvtx.range("clip_grad_norm"):
+            norm = _as_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip))
         skipped = 0
         if math.isfinite(norm):
             self.skipped_in_a_row = 0
-            self.opt.step()
+            with nvtx.range("optimizer_step"):
+                self.opt.step()
             self.sched.step()
             self.after_optimizer_step()
         else:  # a non-finite gradient would poison AdamW's moments: skip this update, keep going

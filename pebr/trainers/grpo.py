@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine import nvtx
 from pebr.data.order import DataOrder
 from pebr.model.forward import image_features, response_logprobs
 from pebr.model.shared_prefix import shared_prefix_logprobs
@@ -165,7 +166,7 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         from pebr.run.fsdp import gathered
 
-        with gathered(self.runner) if self.runner is not None else contextlib.nullcontext():
+        with nvtx.range("rollout"), gathered(self.runner) if self.runner is not None else contextlib.nullcontext():
             return generate_rollouts(
                 self.policy, items, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                 max_new_tokens=cfg.max_new_tokens, engine=self.rollout_engine,
@@ -323,8 +324,10 @@ class GRPOTrainer(Trainer):
         mask = mask[:, :width].to(self.device)
         ref = None
         if self.reference is not None and cfg.kl_coef > 0:
-            ref = self._logprobs("reference", ro, groups, width, grad=False, entropy=False)
-        logp, ent = self._logprobs("policy", ro, groups, width, grad=True, entropy=True)
+            with nvtx.range("reference_forward"):
+                ref = self._logprobs("reference", ro, groups, width, grad=False, entropy=False)
+        with nvtx.range("policy_forward"):
+            logp, ent = self._logprobs("policy", ro, groups, width, grad=True, entropy=True)
         loss_agg = "seq-mean-token-sum" if cfg.loss_agg == "seq-mean-token-sum-norm" else cfg.loss_agg
         loss, m = self.ops.grpo_loss(
             logp, adv[rows].to(logp.device), mask,
@@ -332,7 +335,8 @@ class GRPOTrainer(Trainer):
             ref_logp=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
             kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, loss_agg=loss_agg,
         )
-        (loss * weight).backward()
+        with nvtx.range("backward"):
+            (loss * weight).backward()
         if not mb.groups:
             return {}
         tok = float(mask.sum())
@@ -376,6 +380,7 @@ class GRPOTrainer(Trainer):
         micro_groups = max(1, self.cfg.micro_batch // n)
         chunks = [list(range(c0, min(len(ro.items), c0 + micro_groups))) for c0 in range(0, len(ro.items), micro_groups)]
         self.policy.model.eval()
-        parts = [self._logprobs("policy", ro, c, R, grad=False, entropy=False) for c in chunks]
+        with nvtx.range("old_logprobs"):
+            parts = [self._logprobs("policy", ro, c, R, grad=False, entropy=False) for c in chunks]
         self.policy.model.train()
         return torch.cat(parts).cpu()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine import nvtx
 from pebr.data.order import DataOrder
 from pebr.model.forward import image_features, response_logprobs
 from pebr.trainers.base import Trainer
@@ -116,8 +117,10 @@ class SFTTrainer(Trainer):
                 images_per_prompt=b.images_per_prompt,
             )
 
-        logp = self.run(fn)
+        with nvtx.range("policy_forward"):
+            logp = self.run(fn)
         mask = b.response_mask.to(dev)
         nll = -(logp * mask).sum()
-        (nll * (self.world.world_size / total_tokens)).backward()
+        with nvtx.range("backward"):
+            (nll * (self.world.world_size / total_tokens)).backward()
         return {"nll": float(nll.detach()), "tokens": float(mask.sum())}
