@@ -31,7 +31,9 @@ def _cuda() -> bool:
 @contextlib.contextmanager
 def range(name: str):
     """A profiler range named `name` around the block (see the module docstring for which kind)."""
-    if _profiler_on():
+    if torch.compiler.is_compiling():
+        yield
+    elif _profiler_on():
         with torch.profiler.record_function(name):
             yield
     elif _cuda():
@@ -50,6 +52,8 @@ def ranged(name: str):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
+            if torch.compiler.is_compiling():  # traced by torch.compile: no range (the flag is no graph op)
+                return fn(*args, **kwargs)
             with range(name):
                 return fn(*args, **kwargs)
 
