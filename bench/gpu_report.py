@@ -1,13 +1,17 @@
 """Writes REPORT.md (markdown, on stdout) from a bench/gpu.sh output folder, complete or not.
 
-Usage: python bench/gpu_report.py OUT_DIR > OUT_DIR/REPORT.md
-bench/gpu.sh runs it before and after every phase, so a run killed at any point still leaves a
-report that says how far it got. It reads only text files (no torch import: it must work when the
-environment is broken) and never raises on a missing or truncated one:
+Usage: python bench/gpu_report.py SCRATCH_DIR > SCRATCH_DIR/REPORT.md
+bench/gpu.sh runs it on its scratch folder before and after every phase, so a run killed at any
+point still leaves a report that says how far it got, and a failed phase is named with the end of
+its log. It reads only text files (no torch import: it must work when the environment is broken)
+and never raises on a missing or truncated one:
   env.txt         the machine (card, torch, triton, nvcc)
   phases.plan     "name<TAB>limit_s" for every phase the run means to do
-  phases.tsv      "name<TAB>exit status<TAB>seconds<TAB>limit_s<TAB>log" for every phase that ended
+  phases.tsv      "name<TAB>exit status<TAB>seconds<TAB>limit_s<TAB>log<TAB>triton compiles" for every
+                  phase that ended (exit status "skip": not run, the run's deadline was near)
   phase.current   "name<TAB>limit_s" of the phase under way (left behind when the run is killed)
+  elapsed.txt     the whole run's seconds, written at its end
+  archive.txt     a note when the archive had to leave raw files out
   required.txt    the backends the run requires (comma-separated)
   backends.log    the backend check's output
   tests.log       pytest -v output: one line per test, parsed for per-backend counts
@@ -24,6 +28,9 @@ import sys
 TIMEOUT_CODES = {124, 137}  # timeout(1): the limit was reached (124), or it had to SIGKILL (137)
 SETUP_PHASES = {"build", "backends"}  # their failure is an error of the run, not a failing kernel
 _TEST_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+# pytest-xdist's -v lines: "[gw0] [ 12%] PASSED tests/test_x.py::test_y[backend=cuda]"
+_XDIST_LINE = re.compile(r"^\[gw\d+\]\s+\[\s*\d+%\]\s+(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\s+(\S+::\S.*?)\s*$")
+LOG_TAIL_LINES = 25  # of a failed phase's log, in the report
 
 
 def _read(out_dir: str, name: str) -> str | None:
@@ -50,7 +57,10 @@ def _jsonl(text: str | None) -> tuple[list[dict], int]:
     return objs, bad
 
 
-def phase_status(name: str, rc: int, limit: str) -> str:
+def phase_status(name: str, rc: int | str, limit: str) -> str:
+    if rc == "skip":
+        return "**not run**: the run's deadline (GPU_SH_TOTAL_S) left too little time"
+    rc = int(rc)
     if rc == 0:
         return "ok"
     if rc in TIMEOUT_CODES:
@@ -64,20 +74,45 @@ def phases_table(out_dir: str) -> tuple[list[str], dict[str, str]]:
     done = {r[0]: r for r in _rows(_read(out_dir, "phases.tsv")) if len(r) >= 5}
     plan = _rows(_read(out_dir, "phases.plan")) or [[n, r[3]] for n, r in done.items()]
     current = (_read(out_dir, "phase.current") or "").strip().split("\t")
-    lines = ["## Phases", "", "| phase | status | seconds | limit s | log |", "|---|---|---|---|---|"]
+    lines = ["## Phases", "", "| phase | status | seconds | limit s | log | Triton compiles |", "|---|---|---|---|---|---|"]
     status = {}
     for name, limit, *_ in plan:
         if name in done:
             _, rc, secs, limit, log = done[name][:5]
-            status[name] = phase_status(name, int(rc), limit)
-            lines.append(f"| {name} | {status[name]} | {secs} | {limit} | {log} |")
+            compiles = done[name][5] if len(done[name]) > 5 else ""
+            status[name] = phase_status(name, rc if rc == "skip" else int(rc), limit)
+            lines.append(f"| {name} | {status[name]} | {secs} | {limit} | {log} | {compiles} |")
         elif current and current[0] == name:
             status[name] = "running"
-            lines.append(f"| {name} | running, or cut short when the whole run was killed | | {limit} | |")
+            lines.append(f"| {name} | running, or cut short when the whole run was killed | | {limit} | | |")
         else:
             status[name] = "not run"
-            lines.append(f"| {name} | not run (yet) | | {limit} | |")
+            lines.append(f"| {name} | not run (yet) | | {limit} | | |")
+    elapsed = (_read(out_dir, "elapsed.txt") or "").strip()
+    lines += ["", f"Run: {elapsed}." if elapsed else "Run: under way, or killed before its end."]
+    lines += ["Triton compiles: kernels added to the run's fresh Triton cache in the phase (0 in the CPU "
+              "rehearsal, where the interpreter compiles nothing)."]
+    note = (_read(out_dir, "archive.txt") or "").strip()
+    if note:
+        lines.append(f"Archive: {note}.")
     return lines, status
+
+
+def failures_section(out_dir: str) -> list[str]:
+    """Each phase that did not end well: its name, why (status), and the last lines of its log."""
+    lines = []
+    for r in _rows(_read(out_dir, "phases.tsv")):
+        if len(r) < 5 or r[1] == "0":
+            continue
+        name, rc, _, limit, log = r[:5]
+        if rc == "skip":
+            lines += [f"## {name}: not run", "", "The run's deadline was near; raise GPU_SH_TOTAL_S or lower an earlier phase's limit.", ""]
+            continue
+        text = _read(out_dir, log)
+        tail = [l[:300] for l in (text or "(no log)").splitlines() if not l.startswith("DEBUG ")][-LOG_TAIL_LINES:]
+        lines += [f"## {name}: {phase_status(name, int(rc), limit)}", "", f"The last {len(tail)} lines of {log}:", "",
+                  "```", *tail, "```", ""]
+    return lines
 
 
 def count_tests(log: str | None) -> tuple[dict[str, dict[str, int]], list[str]]:
@@ -86,9 +121,12 @@ def count_tests(log: str | None) -> tuple[dict[str, dict[str, int]], list[str]]:
     failed = []
     for line in (log or "").splitlines():
         m = _TEST_LINE.match(line)
-        if not m:
+        if m:
+            test, outcome = m.groups()
+        elif (m := _XDIST_LINE.match(line)):
+            outcome, test = m.groups()
+        else:
             continue
-        test, outcome = m.groups()
         b = re.search(r"backend=(\w+)", test)
         c = counts.setdefault(b.group(1) if b else "other", dict(passed=0, failed=0, skipped=0, error=0))
         key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "error"}.get(outcome, "skipped")
@@ -188,6 +226,7 @@ def build_report(out_dir: str) -> str:
     phase_lines, status = phases_table(out_dir)
     lines = ["# " + ("CPU rehearsal of the GPU report" if rehearsal else "GPU report"), "", "```", env, "```", ""]
     lines += phase_lines + [""]
+    lines += failures_section(out_dir)
     missing = [l for l in (_read(out_dir, "backends.log") or "").splitlines() if "MISSING" in l]
     lines += ["## Backends", "", f"Required: {', '.join(required) or 'none'}."]
     lines += [f"**ERROR**: {l.strip()}" for l in missing] + [""]

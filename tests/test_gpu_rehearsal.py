@@ -7,8 +7,10 @@ small shapes.
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -90,16 +92,43 @@ def test_report_of_a_killed_run_says_what_happened(tmp_path):
     assert [c.strip() for c in g2[3:6]] == ["", "400.0", "50"]  # TFLOP/s and % of the bf16 matmul rate
 
 
+def test_xdist_lines_are_counted_per_backend():
+    # pytest-xdist's -v lines (the GPU run's tests phase uses workers where xdist is installed)
+    log = "\n".join([
+        "[gw0] [  1%] PASSED tests/test_token_logprobs.py::test_matches_fp64[backend=cuda-float32] ",
+        "[gw3] [ 12%] FAILED tests/test_grpo_loss.py::test_odd_shapes[backend=triton-1-1] ",
+        "[gw1] [100%] SKIPPED tests/test_patchify.py::test_one[backend=cpp] ",
+        "tests/test_patching.py::test_plain PASSED [ 50%]",
+    ])
+    counts, failed = gpu_report.count_tests(log)
+    assert counts["cuda"]["passed"] == 1 and counts["triton"]["failed"] == 1 and counts["cpp"]["skipped"] == 1
+    assert counts["other"]["passed"] == 1
+    assert failed == ["tests/test_grpo_loss.py::test_odd_shapes[backend=triton-1-1] FAILED"]
+
+
 def test_report_of_an_empty_folder_does_not_raise(tmp_path):
     report = gpu_report.build_report(str(tmp_path))
     assert "no env.txt" in report and "No test results" in report and "No benchmark rows" in report
 
 
 def _run_gpu_sh(out: Path, *args, env_extra=None, timeout=150):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, **(env_extra or {}))
+    """bash bench/gpu.sh ARGS OUT, its scratch folder beside OUT (OUT.scratch)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, GPU_SH_SCRATCH=str(out) + ".scratch")
+    env.update(env_extra or {})
     env.pop("ENGINE_TEST_DEVICE", None)
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *args, str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _returned(out: Path) -> list[Path]:
+    """What the device tool would bring back: every file under the output folder."""
+    return [p for p in out.rglob("*") if p.is_file()]
+
+
+def _archived(out: Path, name: str) -> str:
+    """A file of the run's archive (gpu_run.tar.gz), as text."""
+    with tarfile.open(out / "gpu_run.tar.gz") as tar:
+        return tar.extractfile(f"./{name}").read().decode()
 
 
 def test_script_parses():
@@ -107,15 +136,26 @@ def test_script_parses():
 
 
 def test_cpu_rehearsal_reports_every_phase(tmp_path):
-    proc = _run_gpu_sh(tmp_path, "--cpu")
+    out = tmp_path / "out"
+    proc = _run_gpu_sh(out, "--cpu")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    report = (tmp_path / "REPORT.md").read_text()
+    # what comes back from a lease: at most 8 files; here exactly the report and the archive
+    assert sorted(p.name for p in _returned(out)) == ["REPORT.md", "gpu_run.tar.gz"]
+    report = (out / "REPORT.md").read_text()
     assert report.startswith("# CPU rehearsal")
     for phase in PHASES:
-        assert _table_row(report, phase)[1] == "ok", report
+        row = _table_row(report, phase)
+        assert row[1] == "ok", report
+        assert int(row[2]) <= int(row[3]), f"{phase} ran past its limit"
+    # within the run's own deadline (the rehearsal's GPU_SH_TOTAL_S default)
+    elapsed = re.search(r"Run: (\d+) s in all \(deadline (\d+) s\)", report)
+    assert elapsed and int(elapsed.group(1)) <= int(elapsed.group(2)), report
     assert int(_table_row(report, "torch")[1]) > 0  # per-backend counts, from the tests' own lines
     assert int(_table_row(report, "triton")[1]) > 0  # the interpreter runs here
-    shapes = [json.loads(l) for l in (tmp_path / "shapes.jsonl").read_text().splitlines()]
+    with tarfile.open(out / "gpu_run.tar.gz") as tar:  # every log and raw result, in the archive
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert {f"{p}.log" for p in PHASES} | {"env.txt", "phases.tsv", "tests.xml", "shapes.jsonl", "bench.jsonl"} <= names
+    shapes = [json.loads(l) for l in _archived(out, "shapes.jsonl").splitlines()]
     assert len({r["check"] for r in shapes}) == 5 and all(r["status"] == "pass" for r in shapes)
     header = [l for l in report.splitlines() if l.startswith("| group |")][0]
     assert "x vs torch" in header and "x vs liger" in header and "% of floor" in header
@@ -130,6 +170,42 @@ def test_missing_backend_is_an_error_and_a_phase_past_its_limit_is_killed(tmp_pa
     report = (tmp_path / "REPORT.md").read_text()
     assert "ERROR" in _table_row(report, "backends")[1] and "MISSING required backend cuda" in report
     assert _table_row(report, "shapes")[1].startswith("timed out")
+    # each failed phase is named with the end of its log: why, without opening the archive
+    assert "## backends: **ERROR**" in report and "## shapes: timed out" in report
+
+
+def test_a_phase_made_to_fail_is_named_in_the_report(tmp_path):
+    proc = _run_gpu_sh(tmp_path, "--cpu", env_extra=dict(GPU_SH_PHASES="backends,tests", GPU_SH_FAIL="tests"))
+    assert proc.returncode != 0
+    assert len(_returned(tmp_path)) <= 8
+    report = (tmp_path / "REPORT.md").read_text()
+    assert _table_row(report, "backends")[1] == "ok"
+    assert _table_row(report, "tests")[1] == "failed (exit 3)"
+    assert "## tests: failed (exit 3)" in report and "made to fail by GPU_SH_FAIL=tests" in report
+
+
+def test_the_run_deadline_skips_what_cannot_fit(tmp_path):
+    # 1 s for the whole run: no phase can start, and the report says so rather than overrunning a lease
+    proc = _run_gpu_sh(tmp_path, "--cpu", env_extra=dict(GPU_SH_PHASES="backends,shapes", GPU_SH_TOTAL_S="1"))
+    assert proc.returncode != 0
+    report = (tmp_path / "REPORT.md").read_text()
+    for phase in ("backends", "shapes"):
+        assert "not run" in _table_row(report, phase)[1] and "deadline" in _table_row(report, phase)[1]
+
+
+def test_report_without_a_working_python_still_names_the_failed_phase(tmp_path):
+    # a Python that runs the phases but cannot build the report: the shell writes a plain one
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\ncase "$1" in bench/gpu_report.py) echo "report: broken" >&2; exit 1;; esac\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc = _run_gpu_sh(out, "--cpu", env_extra=dict(GPU_SH_PHASES="tests", GPU_SH_FAIL="tests", PYTHON=str(fake)))
+    assert proc.returncode != 0
+    report = (out / "REPORT.md").read_text()
+    assert "gpu_report.py failed" in report and "report: broken" in report
+    assert "## tests failed (exit 3)" in report and "made to fail by GPU_SH_FAIL=tests" in report
+    assert sorted(p.name for p in _returned(out)) == ["REPORT.md", "gpu_run.tar.gz"]
 
 
 def test_production_shape_checks_pass_here_and_catch_a_wrong_kernel(tmp_path, monkeypatch):

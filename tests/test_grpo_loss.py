@@ -3,7 +3,7 @@
 The fp64 truth is this file's own code (the contract, docs/ops.md#grpo_loss), never
 `engine.reference`; `assert_matches_fp64` bounds the backend's error and the reference's alike, so a
 wrong reference fails as surely as a wrong kernel. Every option combination (kl_type x loss_agg x dual clip on/off x old_logp/ref_logp given or not x
-advantages per sequence/per token), forward and backward with a random upstream gradient; edge
+advantages per sequence/per token; on Triton one per compiled kernel variant, `_option_grid`), forward and backward with a random upstream gradient; edge
 cases (empty masks, B = 0, T = 1, extreme log-ratios); bad input; opcheck; torch.compile;
 bitwise determinism (repeated calls, 1 vs 2 threads); every CPU path of the C++ kernel (scalar, default,
 AVX2, AVX-512 builds) against fp64 and against each other.
@@ -22,11 +22,42 @@ from engine.grpo_options import KL_TYPES, LOSS_AGGS
 from tests.tolerance import assert_matches_fp64
 
 from tests.grpo_truth import *  # noqa: F401,F403  (the fp64 truth, inputs, bounds)
-from tests.grpo_truth import _assert_bitwise, _check_all, _fp64, _inputs, _outputs, _run  # noqa: F401
+from tests.grpo_truth import FLAGS, _assert_bitwise, _check_all, _fp64, _inputs, _outputs, _run  # noqa: F401
 
-@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
-@pytest.mark.parametrize("kl_type", KL_TYPES)
-@pytest.mark.parametrize("dual_clip,has_old,has_ref,adv_per_token", FLAGS, ids=lambda v: str(v))
+def _option_grid() -> list:
+    """(backend, flags, kl_type, loss_agg) rows: the full grid (16 flag rows x 4 kl_types x 4 loss_aggs)
+    on every backend but Triton. Triton compiles a kernel per specialization (on a GPU, about a
+    second each), and its forward and backward kernels specialize on the four flags and on kl_type
+    only where there is a reference (triton_kernels/grpo_loss.py), its finalize kernel on loss_agg:
+    there one row per compiled forward/backward variant (8 flag rows without a reference, 8 x 4
+    kl_types with one: 40 rows instead of 256), loss_agg cycling so that each one meets both values
+    of every flag (and, with a reference, every flag row)."""
+    rows = []
+    for backend in engine.BACKENDS:
+        turn = 0
+        for flags in FLAGS:
+            for kl_type in KL_TYPES:
+                if backend == "triton" and not flags[2] and kl_type != KL_TYPES[0]:
+                    continue  # without a reference kl_type changes nothing Triton compiles
+                aggs = LOSS_AGGS if backend != "triton" else [LOSS_AGGS[turn % len(LOSS_AGGS)]]
+                turn += 1
+                for loss_agg in aggs:
+                    rows.append(pytest.param(backend, *flags, kl_type, loss_agg,
+                                             id=f"backend={backend}-{flags}-{kl_type}-{loss_agg}"))
+    return rows
+
+
+def test_triton_option_rows_cover_every_compiled_variant():
+    rows = [p.values[1:] for p in _option_grid() if p.values[0] == "triton"]
+    variants = {(*flags, kl if flags[2] else None) for flags in FLAGS for kl in KL_TYPES}
+    assert {(*r[:4], r[4] if r[2] else None) for r in rows} == variants and len(rows) == len(variants) == 40
+    for i in range(4):
+        for value in {r[i] for r in rows}:
+            assert {r[5] for r in rows if r[i] == value} == set(LOSS_AGGS)
+
+
+@pytest.mark.parametrize("backend_name,dual_clip,has_old,has_ref,adv_per_token,kl_type,loss_agg", _option_grid(),
+                         indirect=["backend_name"])
 def test_every_option_matches_fp64(backend_name, device, loss_agg, kl_type, dual_clip, has_old, has_ref, adv_per_token):
     logp, adv, mask, old, ref = _inputs(5, 37, torch.float32, adv_per_token=adv_per_token, has_old=has_old, has_ref=has_ref,
                                         mask_kind="bool" if adv_per_token else "float", device=device)

@@ -207,8 +207,11 @@ def _shared_args(logp, advantages, old_logp, ref_logp, clip_low, clip_high, dual
     has_old, has_ref = old_logp is not None, ref_logp is not None
     ptrs = (old_logp if has_old else logp, ref_logp if has_ref else logp)
     clips = (1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip)
+    # KL_TYPE specializes the kernels only where there is a reference (the KL terms exist only then):
+    # without one, every kl_type is the same compiled kernel
+    kl_code = KL_TYPES[kl_type]
     flags = dict(HAS_OLD=has_old, HAS_REF=has_ref, HAS_DUAL=dual_clip is not None,
-                 ADV_PER_TOKEN=advantages.dim() == 2, KL_TYPE=KL_TYPES[kl_type])
+                 ADV_PER_TOKEN=advantages.dim() == 2, KL_TYPE=kl_code if has_ref else 0)
     return ptrs, clips, flags
 
 
