@@ -13,6 +13,23 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _why_no_cuda(torch, cpp_extension) -> str | None:
+    """None when the CUDA kernels can be built, else why not (one sentence)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None:
+        return ("nvcc was not found (no CUDA_HOME or CUDA_PATH, no nvcc on PATH, no /usr/local/cuda); "
+                "install the CUDA toolkit matching torch's CUDA " + str(torch.version.cuda) + " or set CUDA_HOME")
+    return None
+
+
+def _gpu_present(torch) -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # a broken driver is not this build's question
+        return False
+
+
 def _extension_modules():
     if os.environ.get("ENGINE_SKIP_BUILD") == "1":
         return [], {}
@@ -26,6 +43,13 @@ def _extension_modules():
     cxx = ["-O3", "-fopenmp", "-DENGINE_PYTHON_MODULE", "-std=c++17"]
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    why_not = _why_no_cuda(torch, cpp_extension)
+    if why_not is not None and os.environ.get("ENGINE_NO_CUDA") != "1":
+        if os.environ.get("ENGINE_REQUIRE_CUDA") == "1":  # bench/gpu.sh on a GPU: a CPU-only build is an error
+            sys.exit(f"[engine] error: ENGINE_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+        if _gpu_present(torch):  # a GPU this build will not use: say so loudly, once
+            print(f"[engine] WARNING: a GPU is present but the extension is built without CUDA kernels: {why_not} "
+                  f"(the cuda backend will be unavailable; ENGINE_REQUIRE_CUDA=1 makes this an error)", file=sys.stderr)
     if use_cuda and os.environ.get("ENGINE_NO_CUDA") != "1":
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "--use_fast_math", "-std=c++17", "-DENGINE_WITH_CUDA"]
