@@ -37,6 +37,7 @@ from pebr.recipe.curriculum import (  # noqa: F401
     stage_items,
     train_stage,
 )
+from pebr.recipe.curriculum_plan import plan, plan_lines
 from pebr.report.curriculum_report import KINDS  # noqa: F401
 from pebr.rewards import UNION_FORMULA, union_reward  # noqa: F401  (scripts import them from here)
 from pebr.run.cli import add_fields, check_device, errors_as_exit, given
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pebr.experiment", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     c = sub.add_parser("curriculum", help="a: stage 2 alone, b: stage 1 then stage 2, c: one stage on the union "
-                                          "reward; held-out accuracy, mean and interval over seeds",
+                                          "reward; held-out accuracy over seeds, b against a and c paired on "
+                                          "the same items",
                        description="\n\n".join(curriculum.__doc__.split("\n\n")[1:6]),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {"": add_fields(c, CurriculumConfig)}
@@ -74,12 +76,19 @@ def main(argv=None) -> int:
             cc.device = "cuda" if torch.cuda.is_available() else "cpu"
         check_device(cc.device)
         over = Overrides(given(args, f["train"]), given(args, f["sft"]), given(args, f["sampling"]))
-        check_eval_seed(cc, stage_config(cc, over, stage=1, seed=0, output_dir=cc.output_dir))  # bad values: one line now
+        base = stage_config(cc, over, stage=1, seed=0, output_dir=cc.output_dir)
+        check_eval_seed(cc, base)  # bad values: one line now
+    with errors_as_exit():
+        power = plan(cc, base)  # said before anything runs: what these items x seeds can detect, and how long
+        power["lines"] = plan_lines(power)
+    print("\n".join(power["lines"]), flush=True)
+    if cc.plan:
+        return 0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     with errors_as_exit():
-        run_curriculum(cc, over, command="python -m pebr.experiment " + shlex.join(argv))
+        run_curriculum(cc, over, command="python -m pebr.experiment " + shlex.join(argv), plan=power)
     print(f"table: {os.path.join(cc.output_dir, 'curriculum.md')}")
     return 0
 

@@ -1,5 +1,7 @@
 """pebr.experiment curriculum: the ablation end to end at a toy size (warm-up, shared sampling, three
 arms x two seeds, held-out eval, table, chart, JSON), its resume, and the aggregation over seeds."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,10 +21,16 @@ TOY = ["--seeds", "2", "--steps", "2", "--eval-items", "8", "--sft-items", "16",
 STAGES = {"a": ["stage2"], "b": ["stage1", "stage2"], "c": ["union"]}
 
 
+PRINTED = {}  # what the first run printed
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("curriculum")
-    assert experiment.main(["curriculum", *TOY, "--output-dir", str(out)]) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert experiment.main(["curriculum", *TOY, "--output-dir", str(out)]) == 0
+    PRINTED["first"] = buf.getvalue()
     return out, json.loads((out / "curriculum.json").read_text())
 
 
@@ -187,3 +195,71 @@ def test_bad_settings_stop_before_any_work(tmp_path):
         with pytest.raises(SystemExit, match=said):
             experiment.main(["curriculum", *flags, "--output-dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_power_statement_printed_first_and_kept(run):
+    out, res = run
+    printed = PRINTED["first"]
+    assert printed.startswith("power statement") and printed.index("power statement") < printed.index("table:")
+    assert "\n".join(res["plan"]["lines"]) in printed
+    latest = json.loads((out / "curriculum.json").read_text())  # a later test reran it: a statement of its own
+    assert "\n".join(latest["plan"]["lines"]) in (out / "curriculum.md").read_text()
+    r = res["plan"]["kinds"]["reasoning"]
+    assert (r["items_per_seed"], r["seeds"], r["pairs"]) == (4, 2, 8)  # --eval-items 8, --seeds 2
+
+
+def _heldout(out, folder, seed):
+    return {r["id"]: r for r in map(json.loads, open(out / folder / f"seed{seed}" / "eval" / "heldout.jsonl"))}
+
+
+def test_paired_results_match_the_eval_records(run):
+    """The toy arms' held-out records counted by hand, pair by pair, against the JSON and the table."""
+    out, res = run
+    folders = {a.key: a.folder for a in experiment.ARMS}
+    md = (out / "curriculum.md").read_text()
+    for comp in ("b-a", "b-c"):
+        other = comp[-1]
+        for kind in experiment.KINDS:
+            got = res["paired"][comp]["kinds"][kind]
+            n = g = l = 0
+            for seed in (0, 1):
+                b, o = _heldout(out, folders["b"], seed), _heldout(out, folders[other], seed)
+                ids = [i for i, r in b.items() if r["kind"] == kind]
+                sg = sum(b[i]["correct"] and not o[i]["correct"] for i in ids)
+                sl = sum(o[i]["correct"] and not b[i]["correct"] for i in ids)
+                assert (got["per_seed"][seed]["gained"], got["per_seed"][seed]["lost"]) == (sg, sl)
+                n, g, l = n + len(ids), g + sg, l + sl
+            assert (got["n"], got["gained"], got["lost"], got["seeds"]) == (n, g, l, 2)
+            assert f"| **{comp}** | **{kind}** | **pooled** |" in md
+
+
+def test_paired_report_of_hand_made_outcomes(run, tmp_path):
+    """Random per-item outcomes (the toy policies score 0 everywhere): the pooled rows of the table
+    carry the counts and difference counted by hand, per kind and per task type, and the chart draws."""
+    _, res = run
+    res = json.loads(json.dumps(res))
+    rng = random.Random()
+    types = {"perception": ["perception/colour", "perception/count"], "reasoning": ["reasoning/sum", "reasoning/compare"]}
+    items = {f"it{k}": (kind, rng.choice(types[kind])) for k, kind in enumerate(["perception", "reasoning"] * 30)}
+    outcomes = {a: [{i: {"correct": rng.random() < acc, "kind": k, "task_type": t} for i, (k, t) in items.items()}
+                    for _ in range(3)] for a, acc in (("a", 0.3), ("b", 0.5), ("c", 0.4))}
+    res["paired"] = curriculum._plain(curriculum_report.paired_results(outcomes, resamples=500))
+    md = experiment.markdown(res)
+    for comp, other in (("b-a", "a"), ("b-c", "c")):
+        for kind in experiment.KINDS:
+            g = sum(outcomes["b"][s][i]["correct"] and not outcomes[other][s][i]["correct"]
+                    for s in range(3) for i, (k, _) in items.items() if k == kind)
+            l = sum(outcomes[other][s][i]["correct"] and not outcomes["b"][s][i]["correct"]
+                    for s in range(3) for i, (k, _) in items.items() if k == kind)
+            r = res["paired"][comp]["kinds"][kind]
+            assert (r["gained"], r["lost"], r["n"]) == (g, l, 90)
+            assert r["diff"] == pytest.approx((g - l) / 90)
+            row = f"| **{comp}** | **{kind}** | **pooled** | **{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]** | {g} | {l} | 90 |"
+            assert row in md, row
+        for t in (t for ts in types.values() for t in ts):
+            ids = [i for i, (_, tt) in items.items() if tt == t]
+            g = sum(outcomes["b"][s][i]["correct"] and not outcomes[other][s][i]["correct"] for s in range(3) for i in ids)
+            assert res["paired"][comp]["types"][t]["gained"] == g and res["paired"][comp]["types"][t]["n"] == 3 * len(ids)
+    assert "## Per task type" in md.replace("### Per task type", "## Per task type")
+    experiment.plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 """The paper's ablation (`python -m pebr.experiment curriculum`). Does perception
 GRPO before reasoning GRPO help, against reasoning GRPO alone and one GRPO stage on both rewards?
 
-    python -m pebr.experiment curriculum --seeds 3 --steps 60 --output-dir runs/curriculum
+    python -m pebr.experiment curriculum --output-dir runs/curriculum      # 5 seeds x 300 steps, hours on a CPU
+    python -m pebr.experiment curriculum --plan                           # what it can detect, how long: then stop
 
 One warm-up (stage 0) and one dataset-level sampling are shared by every arm and seed. Then, for
 each seed s (the GRPO data order and rollout sampling), N GRPO steps per arm:
@@ -18,7 +19,11 @@ its KL reference is its own starting policy, as in `python -m pebr.train`. Each 
 the warm-up are then evaluated greedily on one held-out set of built-in items (seed 999 unless
 --eval-seed; the SFT pool uses seed 2, the sampled pool seed 1; an item equal to a training item
 is dropped and counted). Per arm: perception and reasoning accuracy per seed with their Wilson
-interval, their mean over seeds with a Student t interval (pebr.report.stats).
+interval, their mean over seeds with a Student t interval (pebr.report.stats). What decides: arm b
+against a and against c on the same items, per kind and per task type: per seed McNemar's exact
+test, pooled over the seeds the exact paired test, with a bootstrap interval (pebr.report.paired).
+Before it starts it prints the power statement (the smallest difference these items x seeds detect
+at 80% power) and the time it will take (pebr.recipe.curriculum_plan).
 
 OUT (--output-dir) holds:
     warmup/stage0/          the warm-up (unless --warmup names one)
@@ -26,7 +31,7 @@ OUT (--output-dir) holds:
     eval/warmup/            the warm-up's held-out eval
     <arm>/seed<s>/<stage>/  each GRPO stage: checkpoints/, metrics.jsonl, train.log, config.json, stage.json
     <arm>/seed<s>/eval/     held-out responses (heldout.jsonl) and summary (heldout.summary.json)
-    curriculum.md / .png / .json   the table, the bar chart, everything
+    curriculum.md / .png / .json   the tables, the chart (accuracies; b - a and b - c), everything
 A killed run resumes: a stage whose final checkpoint exists is skipped (a partial one continues
 from its latest checkpoint), and an eval already written for the same items is reused.
 docs/recipe.md#the-curriculum-ablation describes the ablation.
@@ -59,7 +64,13 @@ from pebr.recipe.items import SFT_SEED, fit_context, load_items
 from pebr.recipe.paths import latest_policy_path
 from pebr.recipe.runner import grpo_summary, run_sft
 from pebr.recipe.splits import ensure_sampling, select_split
-from pebr.report.curriculum_report import aggregate, kind_scores, markdown, plot
+from pebr.report.curriculum_report import (
+    aggregate,
+    kind_scores,
+    markdown,
+    paired_results,
+    plot,
+)
 from pebr.rewards import UNION_FORMULA
 from pebr.run.checkpoint import load_trainer_state
 from pebr.run.distributed import World
@@ -109,18 +120,23 @@ class CurriculumConfig:
     """`python -m pebr.experiment curriculum`: the ablation's own settings (the training settings
     come from --preset and the override flags)."""
 
-    seeds: int = C.opt(3, "GRPO seeds per arm (data order and rollout sampling; warm-up and sampling are shared)")
-    steps: int = C.opt(60, "GRPO steps per arm (arm b: half perception, half reasoning). 60 fits 3 seeds x 3 arms "
-                           "in under an hour on 2 cores with the tiny preset: measured 2026-11-30, 540 steps at "
-                           "about 2.8 s and 10 evals of 985 items in 28 min, plus the warm-up (3.5 min) and "
-                           "the sampling (1 min): ~33 min (bench/RESULTS.md)")
+    seeds: int = C.opt(5, "GRPO seeds per arm (data order and rollout sampling; warm-up and sampling are shared). "
+                          "5 x 1,050 held-out reasoning items detect a 3-point difference at 80% power even at "
+                          "the pilot's discordance bound (pebr/recipe/curriculum_plan.py)")
+    steps: int = C.opt(300, "GRPO steps per arm (arm b: half perception, half reasoning): 300 makes each of b's "
+                            "stages as long as the tiny preset's default stage (150); every arm runs as many")
     output_dir: str = C.opt("runs/curriculum", "the experiment folder (rerun with the same one to resume)")
-    eval_items: int = C.opt(400, "held-out built-in items (half perception, half reasoning), decoded greedily")
+    eval_items: int = C.opt(2100, "held-out built-in items (half perception, half reasoning), decoded greedily: "
+                                  "2,100 leaves 1,000+ of each kind after those equal to a training item are dropped")
     eval_seed: int = C.opt(999, "seed of the held-out items: must differ from the SFT pool's (2) and the sampled pool's (1)")
     preset: str = C.opt("tiny", "training settings of every stage (pebr.recipe.config)", choices=tuple(C.PRESETS))
     warmup: str | None = C.opt(None, "warm-up policy to start from (HF folder, stage folder or checkpoints folder); "
                                      "none: OUT/warmup/stage0, trained first when it holds no finished warm-up")
     device: str | None = C.opt(None, "cpu, cuda or cuda:N; none: cuda when available, else cpu")
+    pilot_discordance: float | None = C.opt(None, "share of held-out items two arms grade differently, for the power "
+                                                  "statement; none: measured on the arms OUT already holds, else the "
+                                                  "pilot's bound (pebr/recipe/curriculum_plan.py)")
+    plan: bool = C.opt(False, "print the power statement and the time it would take, then stop")
 
     def __post_init__(self):
         C.check_choices(self)
@@ -130,6 +146,8 @@ class CurriculumConfig:
             raise ValueError(f"steps must be >= 2 (arm b runs two stages), got {self.steps}")
         if self.eval_items < 1:
             raise ValueError(f"eval_items must be >= 1, got {self.eval_items}")
+        if self.pilot_discordance is not None and not 0.0 < self.pilot_discordance <= 1.0:
+            raise ValueError(f"pilot_discordance must be in (0, 1], got {self.pilot_discordance}")
 
 
 # TrainConfig fields the command line may override, for every stage alike (flags as in pebr.train).
@@ -305,8 +323,27 @@ def eval_cached(model: str, items: list, info: dict, *, folder: str, max_new_tok
 # ---- the experiment
 
 
-def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> dict:
-    """The whole ablation -> the result written to OUT/curriculum.json (and .md, .png)."""
+def read_outcomes(folder: str) -> dict[str, dict]:
+    """folder/heldout.jsonl (eval_cached writes it) -> {item id: {"correct", "kind", "task_type"}}.
+    DataError naming the file when it is missing or a line is not a record: the paired comparison
+    needs every arm's items."""
+    path = os.path.join(folder, "heldout.jsonl")
+    out, n = {}, 0
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                r = json.loads(line)
+                out[str(r["id"])] = {"correct": bool(r["correct"]), "kind": r.get("kind"), "task_type": r.get("task_type")}
+    except OSError as exc:
+        raise DataError(f"{path}: {exc.strerror or exc}; remove {folder} to evaluate again") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}, line {n}: not an eval record ({exc}); remove {folder} to evaluate again") from exc
+    return out
+
+
+def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str, plan: dict | None = None) -> dict:
+    """The whole ablation -> the result written to OUT/curriculum.json (and .md, .png).
+    plan: the power statement said before the run (pebr.recipe.curriculum_plan), kept in the result."""
     from pebr.model.context_limits import text_only_policy
 
     t_start, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="seconds")
@@ -349,6 +386,7 @@ def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> di
 
         warmup_eval = run_eval(warmup, os.path.join(out, "eval", "warmup"))
         per_arm = {a.key: [] for a in ARMS}
+        outcomes = {a.key: [] for a in ARMS}  # arm -> one {item id: record} per seed, for the paired comparison
         for seed in range(cc.seeds):
             for arm in ARMS:
                 adir = os.path.join(out, arm.folder, f"seed{seed}")
@@ -364,6 +402,7 @@ def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> di
                     recs.append(rec)
                     start = rec["final"]
                 ev = run_eval(start, os.path.join(adir, "eval"))
+                outcomes[arm.key].append(read_outcomes(os.path.join(adir, "eval")))
                 log.info(f"arm {arm.key} seed {seed}: perception {ev['perception']['accuracy']:.3f}, "
                          f"reasoning {ev['reasoning']['accuracy']:.3f} ({ev['perception']['n']} + "
                          f"{ev['reasoning']['n']} held-out items)")
@@ -381,7 +420,8 @@ def run_curriculum(cc: CurriculumConfig, over: Overrides, *, command: str) -> di
                   "settings": {**dataclasses.asdict(cc), "device": cc.device, "max_new_tokens": base.max_new_tokens,
                                "overrides": dataclasses.asdict(over)},
                   "union_reward": UNION_FORMULA, "warmup": warmup_rec, "sampling": sampling_rec,
-                  "held_out": held_info, "eval_wall_s": eval_s, "warmup_eval": warmup_eval, "arms": arms}
+                  "held_out": held_info, "eval_wall_s": eval_s, "warmup_eval": warmup_eval, "arms": arms,
+                  "paired": paired_results(outcomes), "plan": plan}
         result = _plain(result)
         _write_json(os.path.join(out, "curriculum.json"), result)
         with open(os.path.join(out, "curriculum.md"), "w") as f:

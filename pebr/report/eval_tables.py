@@ -6,6 +6,7 @@ import json
 import os
 from collections import defaultdict
 
+from pebr.report.paired import discordant
 from pebr.report.stats import mcnemar_exact, wilson_interval
 
 
@@ -138,16 +139,14 @@ def paired_comparison(columns: list[tuple[str, list[dict]]]) -> list[dict]:
     reverse; delta = (gained - lost) / n, the change in accuracy; p: McNemar's exact p-value."""
     rows = []
     for (before, rec_a), (after, rec_b) in zip(columns, columns[1:]):
-        a = {r["id"]: (bool(r["correct"]), _kind_of(r)) for r in rec_a}
+        a = {r["id"]: bool(r["correct"]) for r in rec_a}
         b = {r["id"]: bool(r["correct"]) for r in rec_b}
-        shared = [i for i in a if i in b]
-        groups = sorted({a[i][1] for i in shared})
+        kind = {r["id"]: _kind_of(r) for r in rec_a}
+        groups = sorted({kind[i] for i in a if i in b})
         for group in [*groups, "overall"] if len(groups) > 1 else groups:
-            ids = [i for i in shared if group == "overall" or a[i][1] == group]
-            gained = sum(1 for i in ids if b[i] and not a[i][0])
-            lost = sum(1 for i in ids if a[i][0] and not b[i])
-            rows.append({"before": before, "after": after, "group": group, "n": len(ids), "gained": gained,
-                         "lost": lost, "delta": (gained - lost) / len(ids) if ids else 0.0,
+            n, gained, lost = discordant(a, b, [i for i in a if group == "overall" or kind[i] == group])
+            rows.append({"before": before, "after": after, "group": group, "n": n, "gained": gained,
+                         "lost": lost, "delta": (gained - lost) / n if n else 0.0,
                          "p": mcnemar_exact(gained, lost)})
     return rows
 
