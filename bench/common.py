@@ -118,13 +118,34 @@ def cuda_median_s(fn, *, rounds: int = 10, warmup_rounds: int = 1, min_rounds: i
     return sorted(times)[len(times) // 2]
 
 
+# What a benchmark row's time holds, printed with the results (bench/conftest.py, bench/gpu_report.py).
+TIMED_REGION = (
+    "each row times whole calls of the op as a training step makes them (engine.ops dispatch, shape/dtype "
+    "checks, output allocation, every kernel launch; forward and backward where the group says fwd+bwd); "
+    "the value checks (ids in range, finite rows/rewards, mask weights: a host synchronization each) run "
+    "outside the timing for every backend alike, the torch reference included (engine._validate."
+    "data_checks_off); inputs are "
+    "made before it; on CUDA the L2 is flushed between rounds and CUDA events time each call"
+)
+
+
 def timed(benchmark, fn, device: torch.device, *, rounds: int, warmup_rounds: int = 1, iterations: int = 1) -> None:
     """Times `fn` for `benchmark` on `device`: pytest-benchmark's clock on CPU; CUDA events on a GPU.
+    `fn` runs with the ops' value checks off (TIMED_REGION says why): each would add a host
+    synchronization, and a GPU left idle while the host waits, to a time meant to be the kernels'.
 
     On CUDA the fixture still runs `fn` once (synchronized), so pytest-benchmark sees it used and its
     table lists the test, but its host clock would measure launches, not kernels: the GPU median goes
     into `benchmark.extra_info["device_median_s"]`, which `record` (bench/conftest.py) prefers.
     """
+    from engine._validate import data_checks_off
+
+    fn_checked = fn
+
+    def fn():
+        with data_checks_off():
+            return fn_checked()
+
     if device.type != "cuda":
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds, iterations=iterations)
         return

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import engine  # noqa: E402
-from bench.common import machine_floors  # noqa: E402
+from bench.common import TIMED_REGION, machine_floors  # noqa: E402
 
 
 def _append_jsonl(obj: dict) -> None:
@@ -61,7 +61,7 @@ def record():
                 return
             median = benchmark.stats.stats.median
         if not _RESULTS:  # the floors once, before the first row, so the JSONL has them even if cut short
-            _append_jsonl({"device": DEVICE.type, "floors": machine_floors(DEVICE.type)})
+            _append_jsonl({"device": DEVICE.type, "floors": machine_floors(DEVICE.type), "timed_region": TIMED_REGION})
         row = dict(group=group, backend=backend, median_ms=median * 1e3, bytes=bytes, flops=flops, floor=floor, dtype=dtype,
                    timer=benchmark.extra_info.get("timer", "pytest-benchmark (host clock)"))
         if bytes:
@@ -86,6 +86,7 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(
         "floors measured now: " + ", ".join(f"{k} {v:.1f}" for k, v in floors.items())
     )
+    tr.write_line(f"timed: {TIMED_REGION}")
     groups: dict[str, list[dict]] = {}
     for row in _RESULTS:
         groups.setdefault(row["group"], []).append(row)

@@ -187,6 +187,8 @@ def kernels_section(out_dir: str) -> list[str]:
     device = next((o.get("device") for o in objs if "floors" in o), "?")
     if floors:
         lines += [f"Floors measured in this run ({device}): " + ", ".join(f"{k} = {v:.1f}" for k, v in floors.items()), ""]
+    region = next((o.get("timed_region") for o in objs if "floors" in o), None)
+    lines += [f"Inside the timing: {region or 'not recorded by this run (an older bench/conftest.py)'}.", ""]
     lines += [
         "x vs torch / x vs liger: the reference's (Liger-Kernel's) median over this row's: > 1 is faster. "
         "% of floor: GB/s over the measured copy bandwidth, or TFLOP/s over the measured matmul rate of the dtype.",

@@ -1,7 +1,32 @@
 """Boundary checks shared by every op: each raises `ValueError` naming the argument."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+# The data checks below (ids in range, finite values) each wait for the device once (a host sync).
+# Benchmarks time the kernels' work with them off (`data_checks_off`); nothing else turns them off.
+_DATA_CHECKS = True
+
+
+@contextlib.contextmanager
+def data_checks_off():
+    """Inside: the checks of values (ids range, finiteness, mask weights) are skipped, their host
+    synchronizations with them; shapes, dtypes and devices are still checked. For timing kernels
+    (bench.common.timed) only: bad values then give wrong numbers instead of an error."""
+    global _DATA_CHECKS
+    previous, _DATA_CHECKS = _DATA_CHECKS, False
+    try:
+        yield
+    finally:
+        _DATA_CHECKS = previous
+
+
+def data_checks_on() -> bool:
+    """Whether value checks run: not inside `data_checks_off`, and not while torch.compile traces."""
+    return _DATA_CHECKS and not torch.compiler.is_compiling()
+
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -46,10 +71,10 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str = "") -> 
 
 
 def check_ids_in_range(name: str, ids: torch.Tensor, vocab: int) -> None:
-    """Every entry of `ids` lies in [0, vocab). Costs one min/max reduction (a host sync)."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    """Every entry of `ids` lies in [0, vocab). Costs one aminmax reduction and one host sync."""
+    if ids.numel() == 0 or not data_checks_on():
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # both ends in one device-to-host copy
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds {bad}, outside the vocabulary [0, {vocab})")
@@ -62,7 +87,7 @@ def check_positive(name: str, value: float) -> None:
 
 def check_finite(name: str, t: torch.Tensor, what: str = "") -> None:
     """Every entry of `t` is finite (skipped under torch.compile; one reduction, a host sync)."""
-    if t.numel() == 0 or torch.compiler.is_compiling():
+    if t.numel() == 0 or not data_checks_on():
         return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
@@ -77,7 +102,7 @@ def check_rows_finite_max(row_max: torch.Tensor, row_logits, temperature: float)
     refused. `row_max: [N]` is each row's max of z (the kernels' stats[:, 0]); `row_logits(r)` gives
     row r's logits (only called on the error path). A row of only -inf logits (fully masked) and a NaN
     row are left alone (NaN outputs). Skipped under torch.compile; costs one reduction (a host sync)."""
-    if row_max.numel() == 0 or torch.compiler.is_compiling():
+    if row_max.numel() == 0 or not data_checks_on():
         return
     suspect = torch.isinf(row_max)
     if not bool(suspect.any()):

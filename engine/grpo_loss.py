@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from engine import dispatch, kernels, reference
+from engine import _validate, dispatch, kernels, reference
 from engine._validate import FLOAT_DTYPES, check_float, check_same_device, check_shape, check_tensor
 from engine.grpo_options import KL_TYPES, LOSS_AGGS
 
@@ -90,7 +90,7 @@ def grpo_loss(
 def _check_mask_values(mask) -> None:
     """A non-bool mask holds weights: each must be finite and >= 0 (a NaN or negative weight is refused).
     One reduction (a host sync); skipped for bool masks and under torch.compile."""
-    if mask.dtype == torch.bool or mask.numel() == 0 or torch.compiler.is_compiling():
+    if mask.dtype == torch.bool or mask.numel() == 0 or not _validate.data_checks_on():
         return
     bad = mask < 0
     if mask.is_floating_point():

@@ -106,6 +106,28 @@ def test_xdist_lines_are_counted_per_backend():
     assert failed == ["tests/test_grpo_loss.py::test_odd_shapes[backend=triton-1-1] FAILED"]
 
 
+def test_benchmarks_time_the_op_without_its_value_checks():
+    # bench.common.timed runs the op with the host-synchronizing value checks off; outside, they are on
+    import engine.ops
+    from bench.common import TIMED_REGION, timed
+    from engine._validate import data_checks_on
+
+    class FakeBenchmark:
+        def pedantic(self, fn, **kw):
+            self.out = fn()
+
+    b = FakeBenchmark()
+    timed(b, data_checks_on, torch.device("cpu"), rounds=1)
+    assert b.out is False and data_checks_on()
+    try:
+        engine.ops.token_logprobs(torch.randn(2, 4), torch.tensor([0, 9]))  # 9: outside a vocabulary of 4
+    except ValueError as e:
+        assert "outside the vocabulary" in str(e)
+    else:
+        raise AssertionError("the ids check is off outside the timing")
+    assert "outside the timing" in TIMED_REGION
+
+
 def test_report_of_an_empty_folder_does_not_raise(tmp_path):
     report = gpu_report.build_report(str(tmp_path))
     assert "no env.txt" in report and "No test results" in report and "No benchmark rows" in report
