@@ -68,6 +68,8 @@ def build_parser(preset: str = "tiny", stage: int = 1) -> argparse.ArgumentParse
     g = p.add_argument_group("GRPO (stages 1, 2)")
     fields[""] |= add_fields(g, C.TrainConfig, shown=cfg, skip=("stage", "preset", *_RUN, *_MODEL, *_SCALE_OUT),
                              aliases=_ALIASES, unset_default=True)
+    g = p.add_argument_group("LoRA (PEFT): adapters on a frozen base, the reference the base itself")
+    fields["lora"] = add_fields(g, C.LoRAConfig, shown=cfg.lora, prefix="lora-", unset_default=True)
     g = p.add_argument_group("warm-up SFT (stage 0)")
     fields["sft"] = add_fields(g, C.SFTConfig, shown=cfg.sft, prefix="sft-", aliases=_SFT_ALIASES, unset_default=True)
     g = p.add_argument_group("dataset-level sampling")
@@ -94,9 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args) -> C.TrainConfig:
     """The preset's config with each given flag's field replaced."""
-    train, sft, sampling, optimizer = (given(args, args._fields[k]) for k in ("", "sft", "sampling", "optimizer"))
+    train, sft, sampling, optimizer, lora = (given(args, args._fields[k])
+                                             for k in ("", "sft", "sampling", "optimizer", "lora"))
     train.setdefault("device", auto_device())
-    return C.preset(args.preset, args.stage).with_overrides(train=train, sft=sft, sampling=sampling, optimizer=optimizer)
+    return C.preset(args.preset, args.stage).with_overrides(train=train, sft=sft, sampling=sampling, optimizer=optimizer,
+                                                            lora=lora)
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,11 @@ NEW_TRAIN_FLAGS = [
     ("--sampling-top-p", ["0.5"], "sampling.top_p", 0.5),
     ("--sampling-seed", ["9"], "sampling.seed", 9),
     ("--log-every", ["3"], "log_every", 3),
+    ("--lora-rank", ["16"], "lora.rank", 16),
+    ("--lora-alpha", ["8"], "lora.alpha", 8.0),
+    ("--lora-dropout", ["0.05"], "lora.dropout", 0.05),
+    ("--lora-targets", ["q_proj", "v_proj"], "lora.targets", ("q_proj", "v_proj")),
+    ("--lora-vision", [], "lora.vision", True),
 ]
 
 # pebr.sample and pebr.eval before: flag -> (argparse dest, default).
@@ -123,9 +128,9 @@ def test_every_old_train_flag_is_listed_and_accepted():
 def test_every_config_field_has_a_flag():
     options = {o for a in train.build_parser()._actions for o in a.option_strings}
     for cls, prefix in ((C.TrainConfig, ""), (C.SFTConfig, "sft-"), (C.SamplingConfig, "sampling-"),
-                        (C.OptimizerConfig, "")):
+                        (C.OptimizerConfig, ""), (C.LoRAConfig, "lora-")):
         for f in dataclasses.fields(cls):
-            if f.name not in ("sft", "sampling", "optimizer"):
+            if f.name not in ("sft", "sampling", "optimizer", "lora"):
                 assert "--" + prefix + f.name.replace("_", "-") in options, f.name
                 assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no reason"
 

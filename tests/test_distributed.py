@@ -46,13 +46,16 @@ def _run(cmd, cwd, timeout=400):
     return res
 
 
-@pytest.mark.parametrize("loss_agg,filtered", [("token-mean", False), ("seq-mean-token-sum-norm", False),
-                                               ("token-mean", True)])
-def test_two_rank_update_equals_one_rank(tmp_path, monkeypatch, loss_agg, filtered):
+@pytest.mark.parametrize("loss_agg,filtered,lora", [("token-mean", False, False), ("seq-mean-token-sum-norm", False, False),
+                                                    ("token-mean", True, False), ("token-mean", False, True)])
+def test_two_rank_update_equals_one_rank(tmp_path, monkeypatch, loss_agg, filtered, lora):
     """filtered: online filtering left rank 1 no group (it runs zero-weight passes to keep the
-    collectives in step); the job must equal one rank training on rank 0's groups."""
+    collectives in step); the job must equal one rank training on rank 0's groups. lora: LoRA
+    adapters (frozen base sharded, adapters trained and reduced), the reference the base itself."""
     if filtered:
         monkeypatch.setitem(ENV, "FILTERED", "1")
+    if lora:
+        monkeypatch.setitem(ENV, "LORA", "1")
     _run([sys.executable, WORKER, str(tmp_path / "one.pt"), loss_agg], tmp_path)
     _run(TORCHRUN + [WORKER, str(tmp_path / "two.pt"), loss_agg], tmp_path)
     one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
@@ -61,6 +64,7 @@ def test_two_rank_update_equals_one_rank(tmp_path, monkeypatch, loss_agg, filter
         a, b = one["metrics"][k], two["metrics"][k]
         assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), f"{k}: 1 rank {a} vs 2 ranks {b}"
     assert one["grads"].keys() == two["grads"].keys() and one["grads"]
+    assert all(".lora_" in k for k in one["grads"]) == lora  # with LoRA only the adapters have gradients
     gmax = max(float(g.abs().max()) for g in one["grads"].values())
     for name, g in one["grads"].items():
         # fp32 sums in another order (the all-reduce): a few ulps of the largest gradient

@@ -115,6 +115,8 @@ class Policy:
     model: torch.nn.Module  # Qwen2_5_VLForConditionalGeneration (or Qwen2-VL)
     tokenizer: object  # a Qwen2 tokenizer with the Qwen-VL special tokens, left padding
     images: ImageEncoder  # the preprocessing the model was trained with
+    adapter: object | None = None  # LoRA: the PeftModel around `model` (adapted in place; pebr.model.lora)
+    base_path: str | None = None  # LoRA: the folder of the frozen base, recorded with every saved adapter
 
     @property
     def image_token_id(self) -> int:
@@ -193,11 +195,27 @@ class Policy:
             images_per_prompt=torch.tensor([len(ims) for ims in per_prompt], dtype=torch.long),
         )
 
-    def save(self, folder: str | os.PathLike, *, state_dict: dict | None = None) -> None:
+    def save(self, folder: str | os.PathLike, *, state_dict: dict | None = None, merged: bool = True) -> None:
         """save_pretrained of the model (safetensors), tokenizer and preprocessor into `folder`.
-        state_dict: the full weights to write (gathered from FSDP shards); default the model's own."""
+        state_dict: the full weights to write (gathered from FSDP shards); default the model's own.
+
+        With LoRA (`adapter`): the adapter in PEFT's format under folder/adapter (its base recorded),
+        and with `merged` the plain model with the adapters merged in (W + (alpha/r) B A), which
+        transformers loads alone; without it no model weights (a checkpoint mid-stage: the adapter
+        and the base folder are the policy, `load_policy` merges them). state_dict then needs only
+        the adapter's tensors unless `merged`."""
         os.makedirs(folder, exist_ok=True)
-        self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        if self.adapter is None:
+            self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        else:
+            from pebr.model.lora import ADAPTER_DIR, lora_scaling, merged_state_dict, save_adapter
+
+            if state_dict is None:
+                state_dict = {k: v.detach() for k, v in self.model.state_dict().items()}
+            save_adapter(self.adapter, os.path.join(folder, ADAPTER_DIR), state_dict=state_dict, base=self.base_path)
+            if merged:
+                plain = merged_state_dict(state_dict, scaling=lora_scaling(self.model))
+                self.model.save_pretrained(folder, safe_serialization=True, state_dict=plain)
         self.tokenizer.save_pretrained(folder)
         self.images.save(folder)
 
@@ -317,8 +335,12 @@ def load_model_config(path: str | os.PathLike):
 
 
 def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
-    """A Qwen2-VL / Qwen2.5-VL HF folder (config.json, safetensors, tokenizer files) -> Policy."""
+    """A Qwen2-VL / Qwen2.5-VL HF folder (config.json, safetensors, tokenizer files) -> Policy.
+    A LoRA checkpoint of mid-stage (an adapter, no model weights) loads as its base with the adapter
+    merged in (load_adapted_policy)."""
     path = os.fspath(path)
+    if is_adapter_only(path):
+        return load_adapted_policy(path, dtype=dtype, device=device)
     cfg = load_model_config(path)
     if cfg.model_type == "qwen2_vl":
         from transformers import Qwen2VLForConditionalGeneration as cls
@@ -328,6 +350,40 @@ def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
         raise ValueError(f"model at {path!r} is a {cfg.model_type!r}; a Qwen2-VL or Qwen2.5-VL model is expected")
     model = cls.from_pretrained(path, dtype=dtype, **LOCAL_NO_CODE).to(device)
     return Policy(model=use_engine_kernels(model), tokenizer=load_tokenizer(path), images=ImageEncoder.from_folder(path))
+
+
+def is_adapter_only(path: str | os.PathLike) -> bool:
+    """Whether `path` is a LoRA checkpoint without model weights: an adapter/ folder, no config.json."""
+    from pebr.model.lora import ADAPTER_DIR
+
+    path = os.fspath(path)
+    return (not os.path.isfile(os.path.join(path, "config.json"))
+            and os.path.isfile(os.path.join(path, ADAPTER_DIR, "adapter_config.json")))
+
+
+def load_adapted_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
+    """A LoRA checkpoint folder (path/adapter in PEFT's format, naming its base folder) -> the base
+    Policy with the adapter merged into its weights (a plain model: generation runs at full speed).
+    CheckpointError when the adapter's base folder is gone."""
+    import json
+
+    from peft import PeftModel
+
+    from pebr.errors import CheckpointError
+    from pebr.model.lora import ADAPTER_DIR
+
+    adapter = os.path.join(os.fspath(path), ADAPTER_DIR)
+    try:
+        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{adapter}: adapter_config.json is unreadable ({type(exc).__name__})") from None
+    if not base or not os.path.isdir(base):
+        raise CheckpointError(f"{path} is a LoRA checkpoint whose base model folder {base!r} is gone; "
+                              f"restore it, or load a stage's final checkpoint (it holds the merged model)")
+    policy = load_policy(base, dtype=dtype, device=device)
+    merged = PeftModel.from_pretrained(policy.model, adapter, is_trainable=False).merge_and_unload()
+    return dataclasses.replace(policy, model=merged)
 
 
 def load_tokenizer(path: str | os.PathLike):

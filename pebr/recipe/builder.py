@@ -19,7 +19,7 @@ import torch
 
 from pebr.errors import CheckpointError, ConfigError
 from pebr.recipe.config import TrainConfig
-from pebr.run.checkpoint import Checkpointer
+from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.metrics_log import open_stage_metrics
 
 log = logging.getLogger("pebr")
@@ -43,6 +43,34 @@ def load_stage_policy(path: str, cfg: TrainConfig, world=None, *, device=None):
     return load_policy(path, dtype=param_dtype(cfg, world), device=device)
 
 
+def load_trained_policy(cfg: TrainConfig, world, *, init_model: str, latest: str | None):
+    """The policy a stage trains: from `latest` when resuming, else `init_model`. With LoRA
+    (--lora-rank) the base is always `init_model`, adapted (pebr.model.lora) and, when resuming,
+    given the adapter saved with `latest`: the frozen base never changes within a stage."""
+    if not cfg.lora.enabled:
+        return load_stage_policy(latest or init_model, cfg, world)
+    import dataclasses
+
+    from pebr.model.lora import ADAPTER_DIR, add_lora, load_adapter_weights
+
+    policy = load_stage_policy(init_model, cfg, world)
+    lora = cfg.lora
+    adapter = add_lora(policy.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                       vision=lora.vision)
+    policy = dataclasses.replace(policy, adapter=adapter, base_path=os.path.realpath(init_model))
+    if latest:
+        try:
+            load_adapter_weights(adapter, os.path.join(latest, ADAPTER_DIR))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"--resume: the adapter of {latest} does not load ({exc})") from None
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in policy.model.parameters())
+    log.info(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}"
+             f"{' and the vision blocks' if lora.vision else ''}: {trainable:,} of {total:,} parameters train "
+             f"({100 * trainable / total:.2f}%); the base {init_model} is frozen and is the KL reference")
+    return policy
+
+
 def load_rollout_policy(path: str, *, device, rollout_engine: str = "hf"):
     """What pebr.sample and pebr.eval generate with: the Policy at HF folder `path` (fp32, unsharded,
     on `device`) and the rollout engine `rollout_engine` on it (pebr.rollout.factory)."""
@@ -54,8 +82,9 @@ def load_rollout_policy(path: str, *, device, rollout_engine: str = "hf"):
 
 
 def load_reference(init_model: str, cfg: TrainConfig, world=None):
-    """The KL reference of a GRPO stage: its starting policy, frozen; None when kl_coef is 0."""
-    if cfg.kl_coef <= 0:
+    """The KL reference of a GRPO stage: its starting policy, frozen; None when kl_coef is 0, and
+    with LoRA, whose reference is the policy's own base with the adapters off (no second model)."""
+    if cfg.kl_coef <= 0 or cfg.lora.enabled:
         return None
     reference = load_stage_policy(init_model, cfg, world)
     reference.model.eval().requires_grad_(False)
@@ -102,7 +131,6 @@ def check_resume(cfg: TrainConfig, latest: str) -> None:
     .resume_conflicts), and --model naming another starting policy than the one the run started from:
     a resumed run computes what the run it continues did, and records what it runs."""
     from pebr.recipe.config import resume_conflicts
-    from pebr.run.checkpoint import load_trainer_state
 
     state = load_trainer_state(latest)
     conflicts = resume_conflicts(cfg, state.get("config") or {})
@@ -136,7 +164,7 @@ def build_grpo_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Check
     from pebr.trainers.grpo import GRPOTrainer
 
     seed_all(cfg.seed, world.rank)
-    policy = load_stage_policy(latest or init_model, cfg, world)
+    policy = load_trained_policy(cfg, world, init_model=init_model, latest=latest)
     reference = load_reference(init_model, cfg, world)
     prepare_stage_folder(sdir, checkpoints, latest=latest, world=world, config=cfg.to_dict() if config is None else config)
     trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items, reward_fn=reward_fn, run_dir=sdir,
@@ -157,7 +185,15 @@ def build_sft_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Checkp
     from pebr.trainers.sft import SFTTrainer
 
     seed_all(cfg.seed)  # the same on every rank: the tiny policy's init must agree
-    if latest or cfg.model:
+    if cfg.lora.enabled:
+        # LoRA adapts a pretrained base; the base of a resumed run is the one it started from
+        saved = (load_trainer_state(latest).get("config") or {}) if latest else {}
+        base = cfg.model or saved.get("model")
+        if not base:
+            raise ConfigError("--lora-rank at stage 0 needs --model: LoRA adapts a pretrained base, and a policy "
+                              "built at random init has nothing to adapt (drop --lora-rank to train it whole)")
+        policy = load_trained_policy(cfg, world, init_model=base, latest=latest)
+    elif latest or cfg.model:
         policy = load_stage_policy(latest or cfg.model, cfg, world)
     else:
         if cfg.model_size == "tiny":

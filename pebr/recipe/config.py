@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from pebr.data.scenes import DIFFICULTIES
+from pebr.model.lora import DECODER_PROJECTIONS
 from pebr.model.sizes import REAL_IMAGE_SIZE, REAL_SIZES
 from pebr.rollout.factory import ROLLOUT_ENGINES
 
@@ -101,6 +102,36 @@ class EvalConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA through PEFT (pebr/model/lora.py): rank-r adapters trained on a frozen base, the KL
+    reference the same model with its adapters off (no second model). Stage 0 needs --model
+    (a random-init base has nothing to adapt); each stage's final checkpoint holds the merged model."""
+
+    rank: int | None = opt(None, "LoRA adapters of this rank on the targets below; none: full fine-tuning of every weight")
+    alpha: float = opt(32.0, "LoRA scale: the update is (alpha / rank) B A")
+    dropout: float = opt(0.0, "dropout on the adapters' input in training (the reference pass, adapters off, has none)")
+    targets: tuple[str, ...] = opt(DECODER_PROJECTIONS, "decoder projections that get adapters (attention and MLP); "
+                                                        "the embeddings, LM head and norms stay frozen")
+    vision: bool = opt(False, "adapters on the vision blocks' attention and MLP too (off: the vision tower frozen)")
+
+    def __post_init__(self):
+        if self.rank is not None and int(self.rank) < 1:
+            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in DECODER_PROJECTIONS]
+        if unknown or not self.targets:
+            raise ValueError(f"lora targets must be among {', '.join(DECODER_PROJECTIONS)}, got "
+                             f"{', '.join(self.targets) or 'none'}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+
+@dataclass
 class TrainConfig:
     """One stage of the recipe. GRPO fields apply to stages 1 and 2; `sft` to stage 0."""
 
@@ -174,6 +205,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         check_choices(self)
@@ -206,7 +238,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def with_overrides(self, *, train: dict | None = None, sft: dict | None = None, sampling: dict | None = None,
-                       optimizer: dict | None = None) -> "TrainConfig":
+                       optimizer: dict | None = None, lora: dict | None = None) -> "TrainConfig":
         """This config with the given fields replaced, section by section, as the command lines give
         them ({field: value}). Derived values follow a changed batch: a --sft-batch smaller than the
         preset's micro-batch becomes the micro-batch too, and a --rollout-batch that the preset's
@@ -222,6 +254,7 @@ class TrainConfig:
             optimizer=dataclasses.replace(self.optimizer, **(optimizer or {})),
             sft=dataclasses.replace(self.sft, **sft),
             sampling=dataclasses.replace(self.sampling, **(sampling or {})),
+            lora=dataclasses.replace(self.lora, **(lora or {})),
             **train,
         )
 
@@ -282,7 +315,7 @@ RESUME_MAY_CHANGE = frozenset({
     "resume", "max_steps", "save_every", "keep_checkpoints", "max_skipped_updates", "progress", "log_every",
     "tensorboard", "device", "dist_backend", "cpu_offload", "gradient_checkpointing", "output_dir", "model",
 })
-_SECTION_FLAG = {"sft": "--sft-", "sampling": "--sampling-", "optimizer": "--"}
+_SECTION_FLAG = {"sft": "--sft-", "sampling": "--sampling-", "optimizer": "--", "lora": "--lora-"}
 
 
 def resume_conflicts(cfg: TrainConfig, saved: dict) -> list[str]:

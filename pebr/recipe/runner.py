@@ -60,7 +60,7 @@ def run_sft(cfg: C.TrainConfig, world: World | None = None) -> str:
                  f"epochs, batch {cfg.sft.batch_size}), lr {cfg.sft.lr}, model {cfg.model or 'built-in tiny policy'}")
         hist = trainer.train()
         if world.broadcast_object(ckpts.latest()) is None:  # zero steps asked for: still leave a loadable policy
-            trainer.save()
+            trainer.save(final=True)
         if hist:
             log.info(f"stage 0 done: loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} in {len(hist)} steps")
         path = ckpts.latest()

@@ -197,9 +197,18 @@ def verify(path: str) -> str | None:
     return None
 
 
+ADAPTER_CONFIG = os.path.join("adapter", "adapter_config.json")  # a LoRA checkpoint's adapter (pebr.model.lora)
+
+
+def has_model(path: str) -> bool:
+    """Whether folder `path` holds a policy: a model's config.json, or a LoRA adapter (mid-stage
+    LoRA checkpoints hold the adapter alone; pebr.model.policy.load_policy merges it into its base)."""
+    return os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
 def _is_complete(path: str) -> bool:
     has_state = any(os.path.isfile(os.path.join(path, f)) for f in (STATE_FILE, LEGACY_STATE_FILE))
-    return has_state and os.path.isfile(os.path.join(path, "config.json")) and verify(path) is None
+    return has_state and has_model(path) and verify(path) is None
 
 
 def _inside(root: str, path: str) -> bool:
@@ -293,12 +302,14 @@ class Checkpointer:
         """The checkpoint `latest` names, or the newest complete one if the pointer is missing/stale."""
         return find_latest(self.root)
 
-    def save(self, step: int, policy, state: dict, *, world=None, optimizer=None, rng: dict | None = None) -> str:
+    def save(self, step: int, policy, state: dict, *, world=None, optimizer=None, rng: dict | None = None,
+             merged: bool = True) -> str:
         """Write checkpoint `step` atomically, point `latest` at it, prune old ones -> its path.
 
         policy: its model's full state dict goes to the HF folder; state: JSON-able trainer state;
         optimizer: saved through torch.distributed.checkpoint; rng: this rank's RNG state. Under
-        data parallelism every rank calls this (collectives inside).
+        data parallelism every rank calls this (collectives inside). merged: with LoRA, the merged
+        model beside the adapter (else the adapter alone: only the trainable tensors are gathered).
         """
         from pebr.run.distributed import World
         from pebr.run.fsdp import full_state_dict
@@ -314,10 +325,12 @@ class Checkpointer:
         tmp = world.broadcast_object(tmp)
         # Sharded: gather the full weights to rank 0. A world of one lets save_pretrained read the model
         # itself, as before scale-out (it knows the model's tied weights; a plain dict would not say).
-        model_state = full_state_dict(policy.model, distributed=True) if world.distributed else None
+        adapter_only = getattr(policy, "adapter", None) is not None and not merged
+        model_state = (full_state_dict(policy.model, distributed=True, trainable_only=adapter_only)
+                       if world.distributed else None)
         try:
             if tmp is not None:
-                self._write_parts(tmp, policy, state, world, optimizer, rng, model_state)
+                self._write_parts(tmp, policy, state, world, optimizer, rng, model_state, merged)
         except (Exception, _DcpError) as exc:  # a full disk shows as OSError, RuntimeError, SafetensorError, dcp's
             error = exc                         # CheckpointException (a BaseException): all fail alike
         # every rank's files are in tmp, or some rank failed: then all fail together, none waits
@@ -343,7 +356,8 @@ class Checkpointer:
         world.barrier()  # nobody returns before the checkpoint is visible
         return final
 
-    def _write_parts(self, tmp: str, policy, state: dict, world, optimizer, rng: dict | None, model_state) -> None:
+    def _write_parts(self, tmp: str, policy, state: dict, world, optimizer, rng: dict | None, model_state,
+                     merged: bool = True) -> None:
         """This rank's files of a checkpoint into `tmp`: optimizer shard, RNG streams; rank 0 also the
         HF folder and trainer_state.json."""
         if optimizer is not None:
@@ -358,7 +372,10 @@ class Checkpointer:
         if rng is not None:
             torch.save(rng, os.path.join(tmp, f"rng_rank{world.rank}.pt"))
         if world.is_main:
-            policy.save(tmp, state_dict=model_state)
+            if getattr(policy, "adapter", None) is not None:
+                policy.save(tmp, state_dict=model_state, merged=merged)
+            else:
+                policy.save(tmp, state_dict=model_state)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=1)
 

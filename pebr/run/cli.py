@@ -6,7 +6,7 @@ choices and reason are written once.
     cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, **given(args, fields)))
 
 Each field `some_name` becomes `--[prefix]some-name` with the field's type (`int`, `float`, `str`;
-`X | None` as X; `tuple[float, float]` as two values), its `choices`, and its help followed by
+`X | None` as X; `tuple[float, float]` as two values; `tuple[str, ...]` as one or more), its `choices`, and its help followed by
 `(default: V)`, where V is read from `shown` (the preset's config, so `--help` shows the value the
 run would use). Booleans become `--x/--no-x`. With `unset_default=True` (the trainer) the parsed
 value stays None unless the flag is given, so `given` returns exactly the overrides; otherwise
@@ -22,7 +22,8 @@ import typing
 
 
 def _base_type(tp):
-    """(python type, nargs) of a field annotation: `X | None` -> X; `tuple[float, float]` -> (float, 2)."""
+    """(python type, nargs) of a field annotation: `X | None` -> X; `tuple[float, float]` -> (float, 2);
+    `tuple[str, ...]` -> (str, "+")."""
     args = typing.get_args(tp)
     if args and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -30,8 +31,10 @@ def _base_type(tp):
             raise TypeError(f"unsupported union type {tp!r}")
         return _base_type(rest[0])
     if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: one or more values
+            return args[0], "+"
         if not args or Ellipsis in args or len(set(args)) != 1:
-            raise TypeError(f"unsupported tuple type {tp!r}: use tuple[T, T, ...] with one T")
+            raise TypeError(f"unsupported tuple type {tp!r}: use tuple[T, T] (a fixed count) or tuple[T, ...]")
         return args[0], len(args)
     if tp in (int, float, str, bool):
         return tp, None

@@ -108,14 +108,18 @@ def gathered(runner: nn.Module):
             m.reshard()
 
 
-def full_state_dict(model: nn.Module, *, distributed: bool) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, *, distributed: bool, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The model's full state dict on the CPU (for the HF folder): gathered to rank 0 under FSDP
-    (other ranks get {}), the plain state dict otherwise. Every rank must call it."""
+    (other ranks get {}), the plain state dict otherwise. Every rank must call it.
+    trainable_only: the parameters that train (a LoRA checkpoint's adapter), nothing frozen gathered."""
     if not distributed:
+        if trainable_only:
+            return {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
     )
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))

@@ -6,7 +6,7 @@ import os
 import re
 
 from pebr.errors import CheckpointError
-from pebr.run.checkpoint import _STEP_DIR, LATEST, find_latest
+from pebr.run.checkpoint import _STEP_DIR, ADAPTER_CONFIG, LATEST, find_latest
 
 _STAGE_DIR = re.compile(r"stage([0-9]+)")
 
@@ -60,10 +60,11 @@ def resolve_model_path(path: str | os.PathLike) -> str:
 
 
 def _is_hf_folder(path: str) -> bool:
-    """config.json of a model (not a stage's TrainConfig) beside its weights."""
+    """config.json of a model (not a stage's TrainConfig) beside its weights, or a LoRA checkpoint's
+    adapter (its base model named inside; pebr.model.policy.load_policy merges the two)."""
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
-        return False
+        return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
     try:
         with open(cfg) as f:
             doc = json.load(f)

@@ -116,7 +116,8 @@ class Trainer:
         self.log = log if self.world.is_main else (lambda *a, **k: None)
         self.metrics_log = metrics_log if self.world.is_main else None
         model = policy.model
-        set_vision_trainable(model, not freeze_vision)
+        if policy.adapter is None:  # LoRA: the adapters alone train (pebr.model.lora), wherever they are
+            set_vision_trainable(model, not freeze_vision)
         if cfg.gradient_checkpointing:  # decoder layers and vision blocks recompute in backward
             hf_compat.enable_activation_checkpointing(model)
         self.runner = None
@@ -153,15 +154,17 @@ class Trainer:
             "world_size": self.world.world_size,
         }
 
-    def save(self) -> str:
+    def save(self, *, final: bool = False) -> str:
         """A checkpoint of this step; DivergedError instead when the weights are not all finite, so a
-        blown-up model never replaces a good checkpoint (nor pushes one out under --keep-checkpoints)."""
+        blown-up model never replaces a good checkpoint (nor pushes one out under --keep-checkpoints).
+        final: the stage's last checkpoint; with LoRA it also holds the merged model (a plain HF folder
+        the next stage and transformers load alone), the others the adapter only."""
         bad = [n for n, p in self.policy.model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
         if self.world.max([float(len(bad))])[0] > 0:  # every rank decides alike: none saves alone
             raise DivergedError(f"step {self.step}: the weights hold non-finite values ({', '.join(bad[:3]) or 'on another rank'}"
                                 f"{', ...' if len(bad) > 3 else ''}); not saved over the last good checkpoint")
         return self.ckpt.save(self.step, self.policy, self.state_dict(), world=self.world, optimizer=self.opt,
-                              rng=rng_state())
+                              rng=rng_state(), merged=final or self.policy.adapter is None)
 
     def resume_from(self, path: str) -> None:
         state = load_trainer_state(path)
@@ -233,7 +236,7 @@ class Trainer:
                     self.log(self.step_line(metrics, eta))
                 signum = stop.agreed(self.world)
                 if signum or self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                    path = self.save()
+                    path = self.save(final=self.step == self.total_steps)
                 if signum:  # SIGTERM (a scheduler's preemption) or Ctrl-C: this step kept, then stop
                     raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}; "
                                               f"checkpoint {path}: --resume continues from it")

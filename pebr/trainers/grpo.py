@@ -84,7 +84,8 @@ class GRPOTrainer(Trainer):
 
     def __init__(self, cfg: TrainConfig, *, policy, reference, items: list, reward_fn, run_dir: str,
                  init_model: str | None, log=print, metrics_log=None, world=None, rollout_engine=None):
-        """policy: the Policy trained in place; reference: a frozen Policy (or None when kl_coef == 0);
+        """policy: the Policy trained in place; reference: a frozen Policy (or None when kl_coef == 0,
+        or when the policy has LoRA adapters: its reference is then itself with the adapters off);
         reward_fn(text, item, num_tokens) -> dict with "overall"; metrics_log: a
         `pebr.run.metrics_log.MetricsLog` (one line per step, written by rank 0); rollout_engine: what
         generates the rollouts (default: `cfg.rollout_engine` from pebr.rollout.factory, on this
@@ -96,6 +97,9 @@ class GRPOTrainer(Trainer):
                          metrics_log=metrics_log)
         self.desc = f"stage {cfg.stage} GRPO"
         self.reference, self.items, self.reward_fn = reference, list(items), reward_fn
+        # LoRA: the reference is the policy's frozen base, the same model with its adapters off
+        # (pebr.model.lora.adapters_disabled): no second model in memory
+        self.reference_is_base = reference is None and policy.adapter is not None and cfg.kl_coef > 0
         self.ops = engine.ops
         self.device = policy.device
         self.ref_runner = None
@@ -223,6 +227,11 @@ class GRPOTrainer(Trainer):
         with torch.set_grad_enabled(grad):
             if which == "policy":
                 return self.run(fn)
+            if self.reference_is_base:
+                from pebr.model.lora import adapters_disabled
+
+                with adapters_disabled(self.policy.model):
+                    return self.run(fn)
             if self.ref_runner is not None:
                 return self.ref_runner(fn)
             return fn(self.reference.model)
@@ -234,7 +243,7 @@ class GRPOTrainer(Trainer):
             return False
         cache = self.__dict__.setdefault("_shared_prefix_ok", {})
         if which not in cache:
-            model = self.policy.model if which == "policy" else self.reference.model
+            model = self.policy.model if which == "policy" or self.reference is None else self.reference.model
             why = shared_prefix_support(model)
             if why is not None:
                 self.log(f"{which}: shared-prefix update off ({why}); every sequence runs whole")
@@ -323,7 +332,7 @@ class GRPOTrainer(Trainer):
         width = max(1, int(mask.sum(0).nonzero().max()) + 1) if mask.any() else 1
         mask = mask[:, :width].to(self.device)
         ref = None
-        if self.reference is not None and cfg.kl_coef > 0:
+        if (self.reference is not None or self.reference_is_base) and cfg.kl_coef > 0:
             with nvtx.range("reference_forward"):
                 ref = self._logprobs("reference", ro, groups, width, grad=False, entropy=False)
         with nvtx.range("policy_forward"):

@@ -31,6 +31,15 @@ def main(out_path: str, loss_agg: str) -> None:
     )
     policy, reference = build_tiny_policy(seed=0), build_tiny_policy(seed=1)
     reference.model.eval().requires_grad_(False)
+    if os.environ.get("LORA") == "1":  # LoRA: adapters on the decoder, the reference the base itself
+        from pebr.model.lora import add_lora
+
+        policy.adapter, reference = add_lora(policy.model, rank=4, alpha=8.0), None
+        g = torch.Generator().manual_seed(11)  # B = 0 at init would make A's gradient 0: random factors
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if ".lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     items = generate_items(cfg.rollout_batch, seed=3)
     torch.manual_seed(1234)
     ro = generate_rollouts(policy, items, n=cfg.group_size, temperature=1.0, max_new_tokens=cfg.max_new_tokens)
