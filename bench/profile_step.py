@@ -30,17 +30,26 @@ PHASES = ("rollout", "rollout_prefill_once", "rewards", "old_logprobs", "referen
 
 
 class PhaseTimer:
-    """Accumulates wall seconds per phase name."""
+    """Accumulates wall seconds per phase name. On CUDA it waits for the device at each phase's
+    start and end: kernels are asynchronous, and without the wait a phase's GPU work would be
+    counted in whichever later phase first waits for it."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
         self.total = defaultdict(float)
+        self.cuda = torch.device(device).type == "cuda"
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        self._sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            self._sync()
             self.total[name] += time.perf_counter() - t0
 
 
@@ -64,8 +73,10 @@ def instrument(trainer, timer: PhaseTimer) -> None:
 
     def timed_fbs(*a, **k):
         inner = timer.total["reference"] + timer.total["policy_forward"]
+        timer._sync()
         t0 = time.perf_counter()
         out = fbs(*a, **k)
+        timer._sync()
         spent = time.perf_counter() - t0
         timer.total["_fbs"] += spent
         timer.total["loss_backward"] += spent - (timer.total["reference"] + timer.total["policy_forward"] - inner)
@@ -74,8 +85,10 @@ def instrument(trainer, timer: PhaseTimer) -> None:
     def timed_minibatch(*a, **k):
         # the optimizer's share: the mini-batch step less its forward/backward passes (clip + AdamW + zero_grad)
         inner = timer.total["_fbs"]
+        timer._sync()
         t0 = time.perf_counter()
         out = minibatch(*a, **k)
+        timer._sync()
         timer.total["optimizer"] += time.perf_counter() - t0 - (timer.total["_fbs"] - inner)
         return out
 
@@ -96,6 +109,26 @@ def prefill_once(trainer, items, timer: PhaseTimer) -> None:
                            mm_encoder_outputs=encoder_outputs(feats, 1, prompt.images_per_prompt), use_cache=True)
 
 
+def _start_profiler(device: torch.device):
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def _stop_profiler(prof, path: str, device: torch.device) -> None:
+    """Ends the profile, writes its Chrome trace to `path` and prints the ops and ranges that took longest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    prof.export_chrome_trace(path)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"trace: {path} (open in https://ui.perfetto.dev or chrome://tracing)")
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=48))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF folder, stage folder (OUT/stageK: its latest checkpoint) or checkpoints folder (default: a fresh tiny policy)")
@@ -105,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--old-logprobs", choices=("rollout", "recompute"), default="rollout",
                     help="old log-probs from the rollout (checked on the first step) or a policy pass each step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is usable)")
+    ap.add_argument("--rollout-batch", type=int, default=None, help="prompts a step (default: the tiny preset's 16)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: the tiny preset's 96)")
+    ap.add_argument("--trace", default=None, metavar="PATH",
+                    help="also write a PyTorch profiler Chrome trace (CPU, and CUDA on a GPU) of the steps after the "
+                         "first to PATH; the NVTX ranges (engine/nvtx.py) appear in it by name")
     args = ap.parse_args(argv)
 
     from pebr.recipe import config as C
@@ -115,12 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     from pebr.rewards import PerceptionWeights, perception_reward
     from pebr.data.tasks import generate_items
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = dataclasses.replace(C.preset("tiny", stage=1), max_steps=args.steps, shared_prefix=args.shared_prefix,
                               old_logprobs=args.old_logprobs, progress=False, save_every=10**9)
+    if args.rollout_batch:
+        cfg = dataclasses.replace(cfg, rollout_batch=args.rollout_batch, mini_batch=min(cfg.mini_batch, args.rollout_batch))
+    if args.max_new_tokens:
+        cfg = dataclasses.replace(cfg, max_new_tokens=args.max_new_tokens)
     torch.manual_seed(args.seed)
     # --model takes what pebr.train's does: an HF folder, a stage folder (its latest checkpoint), ...
     load = (lambda: load_policy(resolve_model_path(args.model))) if args.model else (lambda: build_tiny_policy(seed=args.seed))
     policy, reference = load(), load()
+    policy.model.to(device)
+    reference.model.to(device)
     reference.model.eval().requires_grad_(False)
     items = generate_items(cfg.rollout_batch * args.steps, seed=args.seed + 1)
     weights = PerceptionWeights()
@@ -131,19 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items, reward_fn=reward,
                               run_dir=run_dir, init_model=None, world=World(), log=lambda *a, **k: None)
         trainer.save = lambda: None
-        timer = PhaseTimer()
+        timer = PhaseTimer(device)
         instrument(trainer, timer)
         rows = []
-        for _ in range(args.steps):
+        profiler = None
+        for i in range(args.steps):
+            if args.trace and i == min(1, args.steps - 1):  # after the warm-up step, when there is one
+                profiler = _start_profiler(device)
             before = dict(timer.total)
+            timer._sync()
             t0 = time.perf_counter()
             m = trainer.train_step()
+            timer._sync()
             step = time.perf_counter() - t0
             prefill_once(trainer, items[: cfg.rollout_batch], timer)
             spent = {k: v - before.get(k, 0.0) for k, v in timer.total.items()}
             rows.append((step, spent, m.get("response_length", float("nan"))))
+        if profiler is not None:
+            _stop_profiler(profiler, args.trace, device)
     measured = rows[1:] or rows
-    print(f"shared_prefix={args.shared_prefix}  old_logprobs={args.old_logprobs}  model={args.model or 'fresh tiny policy'}  "
+    print(f"device={device}  shared_prefix={args.shared_prefix}  old_logprobs={args.old_logprobs}  "
+          f"model={args.model or 'fresh tiny policy'}  "
           f"steps averaged: {len(measured)} (of {len(rows)})")
     print(f"{'phase':<22}{'seconds/step':>14}{'share':>8}")
     step_mean = sum(r[0] for r in measured) / len(measured)

@@ -1,9 +1,15 @@
 """Profiler ranges (engine/nvtx.py): one GRPO step of a tiny policy under the CPU PyTorch profiler
 shows the ranges nsys shows on CUDA: rollout, generate, reference and policy forwards, backward,
-optimizer step and every engine.ops call; without a profiler a range is nearly free."""
+optimizer step and every engine.ops call; without a profiler a range is nearly free; bench/profile.sh
+--cpu leaves a Chrome trace with them."""
 import dataclasses
+import gzip
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -87,3 +93,19 @@ def test_range_is_cheap_without_a_profiler_and_passes_errors():
         assert "inside" in str(e)
     else:
         raise AssertionError("the error inside a range was swallowed")
+
+
+def test_profile_sh_cpu_leaves_a_trace_with_the_ranges(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, PROFILE_SCRATCH=str(tmp_path / "scratch"), OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", str(root / "bench" / "profile.sh"), "--cpu", str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["PROFILE.md", "trace.json.gz"]
+    with gzip.open(out / "trace.json.gz", "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    missing = [r for r in STEP_RANGES + ("engine.ops.grpo_loss",) if r not in names]
+    assert not missing, f"ranges missing from bench/profile.sh's trace: {missing}"
+    report = (out / "PROFILE.md").read_text()
+    assert "policy_forward" in report and "(exit 0)" in report  # the longest ops and ranges, listed
