@@ -208,7 +208,12 @@ class Policy:
         if self.adapter is None:
             self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         else:
-            from pebr.model.lora import ADAPTER_DIR, lora_scaling, merged_state_dict, save_adapter
+            from pebr.model.lora import (
+                ADAPTER_DIR,
+                lora_scaling,
+                merged_state_dict,
+                save_adapter,
+            )
 
             if state_dict is None:
                 state_dict = {k: v.detach() for k, v in self.model.state_dict().items()}
