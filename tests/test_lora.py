@@ -17,7 +17,13 @@ import engine.reference as ref_ops
 from pebr import train
 from pebr.data.tasks import generate_items
 from pebr.model.forward import image_features
-from pebr.model.lora import ADAPTER_DIR, add_lora, adapters_disabled, merged_state_dict, target_pattern
+from pebr.model.lora import (
+    ADAPTER_DIR,
+    adapters_disabled,
+    add_lora,
+    merged_state_dict,
+    target_pattern,
+)
 from pebr.model.policy import build_tiny_policy, load_policy
 from pebr.model.shared_prefix import shared_prefix_logprobs
 from pebr.recipe import config as C
