@@ -299,3 +299,42 @@ def test_sigkill_then_resume_is_exact(base_folder, tmp_path):
         assert wa.keys() == wb.keys()
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("change", [dict(gradient_checkpointing=True), dict(shared_prefix=False)])
+def test_checkpointing_and_shared_prefix_change_nothing_under_lora(base_folder, tmp_path, change):
+    """--gradient-checkpointing (non-reentrant: the frozen base's inputs need no gradient) and the
+    unshared path give the adapters the gradient of the default path, to fp32 rounding."""
+    cfg = dataclasses.replace(_cfg(), optimizer=C.OptimizerConfig(grad_clip=1e9))
+    items = generate_items(4, seed=7)
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(8))
+    grads, ro = [], None
+    for c in (cfg, dataclasses.replace(cfg, **change)):
+        policy = load_trained_policy(c, World(), init_model=base_folder, latest=None)
+        _randomize_adapters(policy.model, seed=4)
+        ro = ro or _rollouts(policy, items)
+        trainer = _trainer(c, policy, items, tmp_path, name=str(len(grads)))
+        got = {}
+        trainer.opt.step = lambda *a, _g=got, _m=policy.model, **k: _g.update(
+            {n: p.grad.clone() for n, p in _m.named_parameters() if p.grad is not None})
+        trainer.update(ro, adv)
+        grads.append(got)
+    a, b = grads
+    assert a.keys() == b.keys() and a
+    gmax = max(float(g.abs().max()) for g in a.values())
+    for name in a:
+        assert float((a[name] - b[name]).abs().max()) <= 1e-5 * gmax, name
+
+
+def test_warm_up_with_lora_leaves_a_merged_policy(base_folder, tmp_path):
+    """Stage 0 with --lora-rank on a pretrained --model: the final checkpoint is a plain HF folder
+    (the merged model) that stage 1 starts from; its adapter is there too, in PEFT's format."""
+    train.main(["--stage", "0", "--model", base_folder, "--lora-rank", "4", "--max-steps", "2", "--sft-items", "8",
+                "--sft-batch", "4", "--no-progress", "--output-dir", str(tmp_path)])
+    final = Checkpointer(tmp_path / "stage0" / "checkpoints").latest()
+    assert os.path.isfile(os.path.join(final, "model.safetensors"))
+    assert os.path.isfile(os.path.join(final, ADAPTER_DIR, "adapter_model.safetensors"))
+    trained, base = load_policy(final).model.state_dict(), load_policy(base_folder).model.state_dict()
+    assert trained.keys() == base.keys()
+    moved = [k for k in base if not torch.equal(trained[k], base[k])]
+    assert moved and all("language_model.layers." in k and k.endswith("proj.weight") for k in moved)
