@@ -355,15 +355,19 @@ _MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
 
 def mixed_addmm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch.addmm(fp32_acc, a, b, out_dtype=torch.float32, out=fp32_acc)` runs for `dtype`
-    a, b on this kind of device; probed once per (device type, dtype) on 2x2 tensors (argument
-    checks raise on the host, so the probe never waits for the device)."""
+    a, b on this kind of device AND accumulates: probed once per (device type, dtype) on 2x2 tensors,
+    twice into one accumulator, the values compared (one wait for the device, once a process). A
+    call that ran but ignored the accumulator, or wrote elsewhere, would leave dW holding the last
+    chunk only; it counts as unsupported (the partial-buffer path runs instead)."""
     key = (device.type, dtype)
     if key not in _MIXED_ADDMM:
         try:
-            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
-            x = torch.ones(2, 2, dtype=dtype, device=device)
-            torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-            _MIXED_ADDMM[key] = True
+            acc = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float32, device=device)
+            a = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=dtype, device=device)  # small integers: exact
+            b = torch.tensor([[1.0, 0.0], [3.0, 1.0]], dtype=dtype, device=device)  # a @ b = [[7, 2], [3, 1]]
+            for _ in range(2):
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM[key] = acc.tolist() == [[15.0, 6.0], [9.0, 6.0]]
         except (RuntimeError, NotImplementedError, TypeError):
             _MIXED_ADDMM[key] = False
     return _MIXED_ADDMM[key]

@@ -271,6 +271,25 @@ def test_16bit_dweight_is_one_gemm_into_fp32_without_temporary(backend_name, dev
     assert mixed == [min(chunk_size, 13 - s) for s in range(0, 13, chunk_size)] and temporaries == []
 
 
+@pytest.mark.parametrize("behaviour", ["accumulates", "ignores the accumulator", "raises"])
+def test_mixed_gemm_probe_checks_the_accumulated_value(device, monkeypatch, behaviour):
+    """The probe for addmm(acc, a, b, out_dtype=fp32, out=acc) trusts what it computes, not that it
+    runs: a GEMM that ran but dropped acc would leave dW holding the last chunk only."""
+    real_addmm = torch.addmm
+
+    def addmm(inp, a, b, *args, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_addmm(inp, a, b, *args, out=out, **kw)
+        if behaviour == "raises":
+            raise RuntimeError("addmm: out_dtype is not supported here")
+        product = torch.mm(a.float(), b.float())
+        return out.copy_(inp + product if behaviour == "accumulates" else product)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(ltl, "_MIXED_ADDMM", {})
+    assert ltl.mixed_addmm_supported(device, torch.bfloat16) is (behaviour == "accumulates")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_16bit_backward_without_mixed_gemm_has_no_vh_accumulator(backend_name, device, monkeypatch, dtype, chunk_size):

@@ -122,6 +122,22 @@ def test_patchify_uint8_matches_processor(backend_name, device, size):
     assert thw.cpu().tolist() == ref_thw.tolist()
 
 
+def test_patchify_uint8_equals_the_reference_bitwise(backend_name, device):
+    # the same roundings in the same order (x * rescale in fp64, rounded once to fp32; (v - mean) / std
+    # in fp32, the division rounded to nearest): every backend equals the reference to the bit. A
+    # rescale factor passed as fp32 (126 of the 256 values of x * (1/255) round differently) or an
+    # approximate division (CUDA --use_fast_math `/`, Triton's fp32 `/`) does not. Triton's interpreter
+    # keeps a Python float argument in float64 and divides in IEEE: there this only runs the kernel;
+    # compiled on a GPU it catches both.
+    every_value = (torch.arange(3 * 28 * 28) % 256).to(torch.uint8).reshape(3, 28, 28)  # 0..255, each channel
+    img = torch.cat([every_value, rand_uint8(28, 28)], dim=1).to(device)
+    with engine.backend("torch"):
+        want, _ = ops.patchify(img)
+    with engine.backend(backend_name):
+        got, _ = ops.patchify(img)
+    assert torch.equal(got.cpu(), want.cpu()), f"{(got.cpu() - want.cpu()).abs().max().item():.3g} off the reference"
+
+
 def test_patchify_float_and_lists_match_processor(backend_name, device):
     imgs = [(torch.rand(3, 56, 84) * 255).to(device), rand_uint8(28, 56, device)]
     batch = rand_uint8(56, 56, device, B=2)

@@ -41,7 +41,7 @@ def feature_offsets(rf, H, W, T: tl.constexpr, P: tl.constexpr):
 @triton.jit
 def _patchify_fwd_kernel(
     img_ptr, mean_ptr, std_ptr, out_ptr,
-    n_rows, H, W, gh, gw, rescale,
+    n_rows, H, W, gh, gw, rescale_ptr,
     C: tl.constexpr, T: tl.constexpr, P: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
@@ -54,9 +54,11 @@ def _patchify_fwd_kernel(
     x = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0)
     m = tl.load(mean_ptr + c, mask=mask_f, other=0.0)
     s = tl.load(std_ptr + c, mask=mask_f, other=1.0)
-    # the image processor rescales in float64 and rounds once to float32, then normalizes in float32
-    v = (x.to(tl.float64) * rescale).to(tl.float32)
-    v = (v - m[None, :]) / s[None, :]
+    # the image processor rescales in float64 and rounds once to float32, then normalizes in float32:
+    # the factor arrives as a float64 tensor (a Python float argument would be passed as fp32), and
+    # the division rounds to nearest (Triton's `/` on fp32 is the approximate div.full.f32)
+    v = (x.to(tl.float64) * tl.load(rescale_ptr)).to(tl.float32)
+    v = tl.math.div_rn(v - m[None, :], s[None, :])
     tl.store(out_ptr + rm[:, None].to(tl.int64) * F + rf[None, :], v, mask=mask)
 
 
@@ -80,6 +82,7 @@ def patchify_fwd(*, images: list[torch.Tensor], patch_size: int, temporal_patch_
     out = torch.empty((sum(rows), F), dtype=torch.float32, device=dev)
     m = torch.tensor(mean, dtype=torch.float32, device=dev)
     s = torch.tensor(std, dtype=torch.float32, device=dev)
+    rescale64 = torch.tensor([float(rescale)], dtype=torch.float64, device=dev)
     BLOCK_M, BLOCK_F = (64, 1024) if _triton.interpreting() else (16, 256)
     row0 = 0
     for img, n in zip(images, rows):
@@ -87,7 +90,7 @@ def patchify_fwd(*, images: list[torch.Tensor], patch_size: int, temporal_patch_
         n_rows, H, W, gh, gw = image_dims(img, P)
         if n_rows:
             grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(F, BLOCK_F))
-            _patchify_fwd_kernel[grid](img, m, s, out[row0:], n_rows, H, W, gh, gw, float(rescale),
+            _patchify_fwd_kernel[grid](img, m, s, out[row0:], n_rows, H, W, gh, gw, rescale64,
                                        C=C, T=T, P=P, M=merge_size, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)
         row0 += n
     return out

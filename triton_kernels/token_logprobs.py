@@ -5,6 +5,8 @@ exp per entry, no reduction inside the V loop) and merges the lanes once: lse = 
 entropy = log S - T/S; it returns stats [N, 2] = (m, log S). Backward recomputes
 p = e^((z - m) - log S) block by block:
 dlogits = (g_logp (onehot - p) + g_ent p (lse - entropy - z)) / temperature.
+Divisions (by the temperature, and the entropy's t / S) round to nearest (tl.math.div_rn), as torch's and the CUDA
+kernel's __fdiv_rn do: Triton's `/` on fp32 is the approximate div.full.f32 (up to 2 ulp).
 A NaN in a row makes that row's outputs and gradients NaN (counted explicitly: `tl.max` does not
 promise to propagate NaN); rows with -inf entries (masked vocabulary) stay finite.
 """
@@ -41,7 +43,7 @@ def _token_logprobs_fwd_kernel(
     nans = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) / temperature
+        z = tl.math.div_rn(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32), temperature)
         is_nan = z != z
         nans += is_nan.to(tl.int32)
         z = tl.where(is_nan, float("-inf"), z)  # counted above; kept out of the sums
@@ -72,13 +74,13 @@ def _token_logprobs_fwd_kernel(
     log_s = tl.log(s)
     tok = tl.load(ids_ptr + row).to(tl.int64)
     ok = (tok >= 0) & (tok < V)  # the launcher checked; never read outside the row regardless
-    z_tok = tl.load(base + tok, mask=ok, other=nan).to(tl.float32) / temperature
+    z_tok = tl.math.div_rn(tl.load(base + tok, mask=ok, other=nan).to(tl.float32), temperature)
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     # (z - m) - log S, rounded as log_softmax rounds it
     tl.store(logp_ptr + row, (z_tok - m) - log_s)
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(n_nan > 0, nan, log_s - t / s))
+        tl.store(entropy_ptr + row, tl.where(n_nan > 0, nan, log_s - tl.math.div_rn(t, s)))
 
 
 @triton.jit
@@ -109,12 +111,12 @@ def _token_logprobs_bwd_kernel(
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < V
-        d = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature - m
+        d = tl.math.div_rn(tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32), temperature) - m
         p = tl.exp(d - log_s)
         # masked entries (p = 0, d = -inf) get 0; d is zeroed first so no 0 * inf is ever formed
         dz = p * (coef - g_ent * tl.where(p > 0.0, d, 0.0))
         dz = tl.where(offs == tok, dz + g_logp, dz)
-        tl.store(gbase + offs, ((dz + poison) / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(gbase + offs, tl.math.div_rn(dz + poison, temperature).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(V: int, block: int | None) -> int:

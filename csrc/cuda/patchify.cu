@@ -21,9 +21,10 @@ __global__ void patchify_kernel(const src_t* __restrict__ img, float* __restrict
     const int64_t r = i / F, f = i % F;
     const int64_t c = f / (T * PP), pq = f % PP;
     const int64_t off = patch_origin(r, g) + c * g.H * g.W + (pq / g.P) * g.W + pq % g.P;
-    // the processor rescales in float64 and rounds once to float32, then normalizes in float32
+    // the processor rescales in float64 and rounds once to float32, then normalizes in float32;
+    // __fdiv_rn: setup.py builds with --use_fast_math, under which `/` is the approximate (2-ulp) divide
     const float x = static_cast<float>(static_cast<double>(img[off]) * rescale);
-    out[i] = (x - mean.v[c]) / std.v[c];
+    out[i] = __fdiv_rn(x - mean.v[c], std.v[c]);
   }
 }
 
