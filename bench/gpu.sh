@@ -91,10 +91,11 @@ if [[ $MODE == cuda ]]; then
   # a fresh Triton cache in the scratch folder: its kernels after each phase are the compiles it made
   export TRITON_CACHE_DIR="$W/triton_cache"
 else
-  # the rehearsal: a few tests per op and two cheap benchmark groups, so it runs in about half a minute
+  # the rehearsal: a few tests per op and two cheap benchmark groups
   DEV=cpu SCALE=small REQUIRE=${GPU_SH_REQUIRE-torch}
-  LIM_BUILD=${GPU_SH_BUILD_S:-20} LIM_BACKENDS=${GPU_SH_BACKENDS_S:-20} LIM_TESTS=${GPU_SH_TESTS_S:-60}
-  LIM_SHAPES=${GPU_SH_SHAPES_S:-30} LIM_BENCH=${GPU_SH_BENCH_S:-45} TOTAL=${GPU_SH_TOTAL_S:-200}
+  # (about 30 s in all on an idle 2-core machine; the limits leave room for a loaded one)
+  LIM_BUILD=${GPU_SH_BUILD_S:-30} LIM_BACKENDS=${GPU_SH_BACKENDS_S:-30} LIM_TESTS=${GPU_SH_TESTS_S:-90}
+  LIM_SHAPES=${GPU_SH_SHAPES_S:-60} LIM_BENCH=${GPU_SH_BENCH_S:-90} TOTAL=${GPU_SH_TOTAL_S:-330}
   TESTS_K=${GPU_SH_TESTS_K-test_tiny_batches or test_odd_shapes or test_binary_rewards or test_patch_embed_matches_qwen_conv3d or test_patchify_one_patch or test_patchify_embed_one_patch_and_empty_batch}
   BENCH_K=${GPU_SH_BENCH_K-group_advantages and 4480 or test_grpo_loss_fwd and not bwd}
   WORKERS=${GPU_SH_TESTS_WORKERS:-0}

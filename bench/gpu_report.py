@@ -136,9 +136,42 @@ def count_tests(log: str | None) -> tuple[dict[str, dict[str, int]], list[str]]:
     return counts, failed
 
 
+_COLLECTED = re.compile(r"collected \d+ items?(?: / (\d+) errors?)?(?: / (\d+) deselected)?(?: / (\d+) skipped)?")
+_SKIP_REASON = re.compile(r"^\s*(\d+)\s{2}(.*\S)\s*$")
+
+
+def skip_reasons(log: str | None) -> tuple[list[tuple[int, str]], int]:
+    """tests/conftest.py's "N skipped, by reason" lines -> [(count, reason)], and how many test files
+    pytest skipped whole at collection (a module-level importorskip: no per-test line says so)."""
+    reasons, in_block, whole = [], False, 0
+    for line in (log or "").splitlines():
+        m = _COLLECTED.search(line)
+        if m and m.group(3):
+            whole = max(whole, int(m.group(3)))
+        if "skipped, by reason" in line:
+            in_block = True
+            continue
+        if in_block:
+            r = _SKIP_REASON.match(line)
+            if r:
+                reasons.append((int(r.group(1)), r.group(2)))
+            else:
+                in_block = False
+    return reasons, whole
+
+
 def tests_section(out_dir: str, required: list[str], status: str | None) -> list[str]:
-    counts, failed = count_tests(_read(out_dir, "tests.log"))
+    log = _read(out_dir, "tests.log")
+    counts, failed = count_tests(log)
+    reasons, whole = skip_reasons(log)
     lines = ["## Tests, per backend", ""]
+    # a test or a whole file skipped because a module is missing: what differs between this machine's
+    # libraries and the ones the tests were written against, never a silent skip
+    for n, reason in reasons:
+        if "could not import" in reason or "No module named" in reason:
+            lines += [f"**WARNING: skipped for a missing module ({n}):** {reason}", ""]
+    if whole:
+        lines += [f"**WARNING: {whole} test file(s) skipped whole at collection** (see the skip reasons below).", ""]
     if not counts:
         return lines + [f"No test results ({'phase ' + status if status else 'no tests.log'})."]
     lines += ["| backend | passed | failed | skipped | errors |", "|---|---|---|---|---|"]
@@ -149,6 +182,8 @@ def tests_section(out_dir: str, required: list[str], status: str | None) -> list
             lines.append(f"\n**ERROR: required backend {b} passed no test** (skipped = not built or not usable here).")
     if failed:
         lines += ["", f"Failed ({len(failed)}, first 20):", ""] + [f"- `{t}`" for t in failed[:20]]
+    if reasons:
+        lines += ["", "Skipped, by reason:", ""] + [f"- {n} x {reason}" for n, reason in reasons]
     return lines
 
 

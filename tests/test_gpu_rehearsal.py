@@ -128,12 +128,30 @@ def test_benchmarks_time_the_op_without_its_value_checks():
     assert "outside the timing" in TIMED_REGION
 
 
+def test_skips_for_a_missing_module_are_flagged(tmp_path):
+    # a module-level importorskip leaves no per-test line: only the collection line and the reasons say it
+    _write(tmp_path, "tests.log", "\n".join([
+        "collecting ... collected 120 items / 1 skipped",
+        "tests/test_grpo_loss.py::test_odd_shapes[backend=torch-1-1] PASSED [ 50%]",
+        "================= 16 skipped, by reason (-rs lists each test) ==================",
+        "   15  backend cuda cannot run cpu tensors here",
+        "    1  could not import 'transformers.models.qwen2_vl.image_processing_pil_qwen2_vl': No module named 'x'",
+        "=============== 1 passed, 16 skipped in 2.65s ================",
+    ]))
+    report = gpu_report.build_report(str(tmp_path))
+    assert "WARNING: skipped for a missing module (1)" in report
+    assert "WARNING: 1 test file(s) skipped whole at collection" in report
+    assert "- 15 x backend cuda cannot run cpu tensors here" in report
+    _write(tmp_path, "tests.log", "collecting ... collected 2363 items / 2303 deselected / 60 selected\n")
+    assert "WARNING" not in gpu_report.build_report(str(tmp_path))
+
+
 def test_report_of_an_empty_folder_does_not_raise(tmp_path):
     report = gpu_report.build_report(str(tmp_path))
     assert "no env.txt" in report and "No test results" in report and "No benchmark rows" in report
 
 
-def _run_gpu_sh(out: Path, *args, env_extra=None, timeout=150):
+def _run_gpu_sh(out: Path, *args, env_extra=None, timeout=400):
     """bash bench/gpu.sh ARGS OUT, its scratch folder beside OUT (OUT.scratch)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, GPU_SH_SCRATCH=str(out) + ".scratch")
     env.update(env_extra or {})
