@@ -157,11 +157,16 @@ def test_rerun_skips_finished_arms(run):
     import shutil
 
     shutil.rmtree(out / "c_union" / "seed1")
+    # and one eval's records cut short (a full disk, a kill mid-write): evaluated again, not trained again
+    records = out / "a_stage2" / "seed0" / "eval" / "heldout.jsonl"
+    records.write_text(records.read_text().splitlines()[0][:20] + "\n")
     assert experiment.main(["curriculum", *TOY, "--output-dir", str(out)]) == 0
     res = json.loads((out / "curriculum.json").read_text())
-    now = {(k, s["seed"]) for k, arm in res["arms"].items() for s in arm["per_seed"]
-           if any(st["trained_now"] for st in s["stages"]) or not s["eval"]["reused"]}
-    assert now == {("c", 1)} and _final(out, "c_union", 1, "union") is not None
+    trained = {(k, s["seed"]) for k, arm in res["arms"].items() for s in arm["per_seed"]
+               if any(st["trained_now"] for st in s["stages"])}
+    evaluated = {(k, s["seed"]) for k, arm in res["arms"].items() for s in arm["per_seed"] if not s["eval"]["reused"]}
+    assert trained == {("c", 1)} and evaluated == {("c", 1), ("a", 0)} and _final(out, "c_union", 1, "union") is not None
+    assert len(records.read_text().splitlines()) == res["held_out"]["n"]
 
 
 def test_aggregate_over_seeds_of_hand_made_numbers():

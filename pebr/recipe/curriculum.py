@@ -297,6 +297,15 @@ def train_stage(cfg, spec: Stage, *, sdir: str, init_model: str, items: list, wo
     return out
 
 
+def _records_readable(folder: str, n) -> bool:
+    """heldout.jsonl holds the n records its summary counts: a truncated or damaged file is evaluated again
+    (the paired comparison reads every record)."""
+    try:
+        return len(read_outcomes(folder)) == n
+    except DataError:
+        return False
+
+
 def eval_cached(model: str, items: list, info: dict, *, folder: str, max_new_tokens: int, world,
                 rollout_engine: str = "hf") -> dict:
     """Greedy held-out eval of `model` (pebr.recipe.evaluate.evaluate), written to folder/heldout.*, or the
@@ -304,7 +313,7 @@ def eval_cached(model: str, items: list, info: dict, *, folder: str, max_new_tok
     path = os.path.join(folder, "heldout.summary.json")
     key = {"model": os.path.realpath(model), "items": info, "max_new_tokens": max_new_tokens, "temperature": 0.0}
     old = _read_json(path)
-    if old is not None and old.get("key") == _plain(key):
+    if old is not None and old.get("key") == _plain(key) and _records_readable(folder, old.get("n")):
         return {**old, "reused": True}
     t0 = time.perf_counter()
     torch.manual_seed(0)

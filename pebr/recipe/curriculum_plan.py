@@ -192,7 +192,8 @@ def plan_lines(p: dict) -> list[str]:
         det_s = f"{det:.3f} ({det * 100:.1f} points)" if math.isfinite(det) else "none"
         need = "" if k["pairs_for_target"] is None else \
             f"; {p['target']:.2f} needs {k['pairs_for_target']:,} pairs ({math.ceil(k['pairs_for_target'] / k['seeds']):,} items a seed)"
-        lines.append(f"  {kind}: {k['items_per_seed']:,} held-out items x {k['seeds']} seeds = {k['pairs']:,} pairs, "
+        lines.append(f"  {kind}: {k['items_per_seed']:,} held-out items x {k['seeds']} seed{'s' * (k['seeds'] != 1)} "
+                     f"= {k['pairs']:,} pairs, "
                      f"discordance {k['discordance']:.2f} ({k['discordance_source']}): smallest difference detected "
                      f"{det_s}; power at {p['target']:.2f}: {k['power_at_target']:.2f}{need}")
     w = p["wall"]
