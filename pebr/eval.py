@@ -104,9 +104,19 @@ def main(argv=None) -> int:
 
 
 def _evaluate_main(args: argparse.Namespace) -> int:
+    from pebr.run.model_path import hold_model_path
+
+    held = []  # each model kept from its run's pruning from being resolved until it is loaded
+    try:
+        return _evaluate_held(args, held, hold_model_path)
+    finally:
+        for h in held:
+            h.release()
+
+
+def _evaluate_held(args: argparse.Namespace, held: list, hold_model_path) -> int:
     from pebr.recipe.builder import load_rollout_policy
     from pebr.recipe.items import read_items
-    from pebr.run.model_path import resolve_model_path
 
     models = args.model or []
     if not models and not args.compare:
@@ -115,7 +125,9 @@ def _evaluate_main(args: argparse.Namespace) -> int:
         raise ConfigError("--output names one responses file: with several --model leave it out "
                           "(each goes to OUT/eval/<model path>_<kind>.jsonl)")
     check_device(args.device)
-    models = [resolve_model_path(m) for m in models]
+    for m in models:
+        held.append(hold_model_path(m))  # a training run's latest checkpoint, kept until loaded
+    models = [h.path for h in held]
     wilson_interval(0, 1, confidence=args.confidence)
 
     columns = []  # (label, summary): earlier runs first, then the models evaluated now
@@ -155,9 +167,10 @@ def _evaluate_main(args: argparse.Namespace) -> int:
 
         world = init_world(device=args.device)
         results = []
-        for model in models:  # every model answers the same items, from the same RNG state
+        for model, h in zip(models, held):  # every model answers the same items, from the same RNG state
             torch.manual_seed(world.rank)
             policy, engine = load_rollout_policy(model, device=world.device, rollout_engine=args.rollout_engine)
+            h.release()  # in memory now: its run may prune it
             results.append((model, *evaluate(policy, items, max_new_tokens=args.max_new_tokens, engine=engine,
                                              temperature=args.temperature, world=world, confidence=args.confidence)))
             del policy, engine

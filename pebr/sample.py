@@ -78,25 +78,35 @@ def main(argv=None) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pebr.recipe.builder import load_rollout_policy
-    from pebr.recipe.items import read_items
-    from pebr.recipe.paths import trained_difficulty, trained_image_size
-    from pebr.recipe.splits import sample_dataset, sampling_meta, write_sampling
     from pebr.run.checkpoint import find_latest
-    from pebr.run.distributed import init_world, seed_all
-    from pebr.run.lock import hold
-    from pebr.run.model_path import resolve_model_path
+    from pebr.run.model_path import hold_model_path
 
     folder = sampling_folder(args.output_dir)
     run_dir = os.path.dirname(os.path.normpath(folder)) or "."
     check_device(args.device)
     if args.model:
-        model = resolve_model_path(args.model)
+        held = hold_model_path(args.model)  # a training run's latest checkpoint, kept from pruning until loaded
     else:
-        model = find_latest(os.path.join(run_dir, "stage0", "checkpoints"))
-        if not model:
+        stage0 = os.path.join(run_dir, "stage0", "checkpoints")
+        if not find_latest(stage0):
             raise MissingPolicyError(f"no --model and no stage-0 checkpoint under {os.path.join(run_dir, 'stage0')}; "
                                      f"run `python -m pebr.train --stage 0 --output-dir {run_dir}` first")
+        held = hold_model_path(stage0)
+    try:
+        return _sample_held(args, held, folder)
+    finally:
+        held.release()
+
+
+def _sample_held(args: argparse.Namespace, held, folder: str) -> int:
+    from pebr.recipe.builder import load_rollout_policy
+    from pebr.recipe.items import read_items
+    from pebr.recipe.paths import trained_difficulty, trained_image_size
+    from pebr.recipe.splits import sample_dataset, sampling_meta, write_sampling
+    from pebr.run.distributed import init_world, seed_all
+    from pebr.run.lock import hold
+
+    model = held.path
     if not args.data and args.difficulty is None:
         args.difficulty = trained_difficulty(model)
     image_size = args.image_size or trained_image_size(model)
@@ -106,6 +116,7 @@ def _sample(args: argparse.Namespace) -> int:
     rollout_seed = args.seed if args.rollout_seed is None else args.rollout_seed
     seed_all(rollout_seed, world.rank)
     policy, engine = load_rollout_policy(model, device=world.device, rollout_engine=args.rollout_engine)
+    held.release()  # in memory now: its run may prune it
     # the folder is the trainer's sampling cache too: one writer at a time (pebr/run/lock.py)
     with hold(folder, world, log=lambda m: print(m, file=sys.stderr)):
         result = sample_dataset(policy, items, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -33,7 +33,7 @@ from pebr.run.cli import (
     field_help,
     given,
 )
-from pebr.run.model_path import resolve_model_path
+from pebr.run.model_path import hold_model_path
 
 # ---- command line (flags generated from the config fields: pebr.run.cli)
 
@@ -112,8 +112,18 @@ def main(argv=None) -> int:
             from pebr.run.metrics_log import check_tensorboard
 
             check_tensorboard()
-        if cfg.model:
-            cfg = dataclasses.replace(cfg, model=resolve_model_path(cfg.model))
+        held = None
+        if cfg.model:  # a training run's checkpoint is kept from its pruning while this run reads it
+            held = hold_model_path(cfg.model)
+            cfg = dataclasses.replace(cfg, model=held.path)
+    try:
+        return _run_held(cfg)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _run_held(cfg: C.TrainConfig) -> int:
     from transformers.utils import logging as hf_logging
 
     from pebr.run.distributed import init_world

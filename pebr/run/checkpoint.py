@@ -23,6 +23,12 @@ barrier, renamed into place by rank 0 in one `os.rename`; the `latest`
 pointer is a small file replaced with `os.replace`. Old checkpoints are renamed to a hidden
 trash name before being deleted. So every visible `step_*` folder is complete, and `latest`
 names one of them; leftovers of a killed write are hidden and swept on the next start.
+
+Readers of a run that is still training (`pebr.eval --model OUT/stage0`) mark the checkpoint they
+load (`mark_reading`: a share-locked `.reader-*` file inside it, placed under an flock of the
+checkpoints folder, which pruning holds between checking a checkpoint and renaming it away);
+pruning passes over a marked checkpoint, with a log line, until a later save finds it unread. A
+killed reader's mark holds no lock and counts for nothing.
 The model folder is an ordinary `save_pretrained` folder: transformers loads it as is.
 
 A failed write (a full disk, an error on any rank) removes its temp folder and raises on every
@@ -61,6 +67,7 @@ import numpy as np
 import torch
 
 from pebr.errors import CheckpointError  # noqa: F401  (raised here; importable from here as before)
+from pebr.run.lock import ReaderMark, describe, folder_lock, live_readers
 
 try:  # torch.distributed.checkpoint's error derives from BaseException: `except Exception` misses it
     from torch.distributed.checkpoint.api import CheckpointException as _DcpError
@@ -85,6 +92,16 @@ def _free_bytes(folder: str) -> int | None:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
+
+
+def _tree_size(folder: str) -> int:
+    """Bytes of the files under `folder` (0 when it is gone)."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _size(n: int | None) -> str:
@@ -264,6 +281,29 @@ def find_latest(root: str | os.PathLike) -> str | None:
         if m and (not steps or int(m.group(1)) > steps[-1]) and (why := verify(os.path.join(root, name))) is not None:
             log.warning(f"checkpoints: skipping {os.path.join(root, name)}: {why}")
     return os.path.join(root, f"step_{steps[-1]:07d}") if steps else None
+
+
+def mark_reading(path: str | os.PathLike) -> ReaderMark | None:
+    """Mark checkpoint `path` as being loaded until `mark.release()`: its trainer's pruning
+    (--keep-checkpoints) leaves it in place meanwhile -> the mark. None when `path` is not a
+    `step_NNNNNNN` checkpoint (an HF folder: nothing prunes it) or cannot be marked (a folder this
+    user may not write: logged, and the load goes on unprotected). FileNotFoundError when `path`
+    is gone: pruned after it was resolved, so a newer checkpoint exists; resolve again
+    (pebr.run.model_path.hold_model_path does)."""
+    path = os.path.normpath(os.fspath(path))
+    if not _STEP_DIR.fullmatch(os.path.basename(path)):
+        return None
+    with folder_lock(os.path.dirname(os.path.abspath(path))):  # the checkpoints folder: pruning waits
+        if not os.path.isdir(path):  # under the lock: no pruning between this check and the mark
+            raise FileNotFoundError(errno.ENOENT, "the checkpoint was removed before it could be marked", path)
+        try:
+            return ReaderMark(path).place()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            log.warning(f"{path}: cannot mark it as being read ({_one_line(exc)}); loading it unprotected: "
+                        f"a trainer pruning its checkpoints may remove it meanwhile")
+            return None
 
 
 class Checkpointer:
@@ -451,15 +491,37 @@ class Checkpointer:
         _fsync_dir(self.root)
 
     def _trash(self, path: str) -> None:
-        trash = tempfile.mkdtemp(prefix=".trash-", dir=self.root)
-        os.rename(path, os.path.join(trash, os.path.basename(path)))  # atomic: gone from view at once
-        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(self._hide(path), ignore_errors=True)
 
-    def _prune(self, *, keep_name: str) -> None:
-        steps = self.steps()
-        for s in steps[: max(0, len(steps) - self.keep)]:
-            if os.path.basename(self.path(s)) != keep_name:
-                self._trash(self.path(s))
+    def _hide(self, path: str) -> str:
+        """Rename checkpoint `path` to a hidden trash folder (atomic: gone from view at once) -> that folder."""
+        trash = tempfile.mkdtemp(prefix=".trash-", dir=self.root)
+        os.rename(path, os.path.join(trash, os.path.basename(path)))
+        return trash
+
+    def _prune(self, *, keep_name: str, keep: int | None = None) -> int:
+        """Remove the oldest checkpoints beyond `keep` (default --keep-checkpoints), never
+        `keep_name`, nor one a reader is loading (pebr.eval on a training run: `mark_reading`),
+        which stays, with a log line, until a later save finds it unread -> bytes freed."""
+        keep = self.keep if keep is None else keep
+        hidden, freed = [], 0
+        with folder_lock(self.root):  # no reader marks a checkpoint between its check and its rename
+            steps = self.steps()
+            for s in steps[: max(0, len(steps) - keep)]:
+                path = self.path(s)
+                if os.path.basename(path) == keep_name:
+                    continue
+                readers = live_readers(path)
+                if readers:
+                    log.info(f"checkpoints: keeping {os.path.basename(path)} past --keep-checkpoints {self.keep} "
+                             f"while {len(readers)} reader(s) load it ({describe(readers[0])}); a later save "
+                             f"removes it")
+                    continue
+                freed += _tree_size(path)
+                hidden.append(self._hide(path))
+        for trash in hidden:  # the deleting itself outside the lock: readers wait only for renames
+            shutil.rmtree(trash, ignore_errors=True)
+        return freed
 
     def clear(self) -> None:
         """Remove every checkpoint (a fresh run in a used folder)."""

@@ -257,3 +257,140 @@ def hold(folder: str | os.PathLike, world=None, *, log: Callable[[str], None] | 
     finally:
         if lock is not None:
             lock.release()
+
+
+# ---- readers of a folder another process may delete (a trainer pruning its checkpoints)
+
+READER_PREFIX = ".reader-"  # a reader's mark inside the folder it reads
+_mark_count = 0
+
+
+class ReaderMark:
+    """This process reads `folder`: a file `folder/.reader-<host>-<pid>-<n>` holding the reader's
+    pid, host, start time and command, share-locked (flock LOCK_SH) until `release`. Whoever would
+    delete the folder asks `live_readers` first. The mark appears under its name already locked
+    (written under a temporary name, locked, then renamed), so no one sees an unlocked live mark; a
+    mark a killed reader left is unlocked (the kernel dropped its lock) and counts for nothing.
+
+        mark = ReaderMark(folder).place()   # FileNotFoundError: the folder is gone
+        ...                                 # read
+        mark.release()
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        global _mark_count
+        _mark_count += 1
+        self.folder = os.fspath(folder)
+        self.path = os.path.join(self.folder, f"{READER_PREFIX}{socket.gethostname()}-{os.getpid()}-{_mark_count}")
+        self._fd: int | None = None
+
+    def place(self) -> "ReaderMark":
+        """Put the mark -> self. FileNotFoundError when `folder` no longer exists; another OSError
+        (a folder this user may not write) leaves no mark behind."""
+        tmp = os.path.join(self.folder, ".tmp" + os.path.basename(self.path))
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                except OSError as exc:
+                    if exc.errno not in _NO_FLOCK:
+                        raise  # no flock on this file system: the pid in the body tells (live_readers)
+            os.pwrite(fd, (json.dumps(_owner()) + "\n").encode(), 0)
+            os.rename(tmp, self.path)  # the lock is the open file's: it comes along
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # gone already when the folder was deleted after all
+            os.close(fd)
+
+    def __enter__(self) -> "ReaderMark":
+        return self.place()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_STALE_UNCHECKABLE_S = 24 * 3600  # a mark of another host without flock: trusted this long
+
+
+def live_readers(folder: str | os.PathLike) -> list[dict]:
+    """The readers of `folder` whose marks are live (ReaderMark): their bodies (pid, host, started,
+    command), or {} where unreadable. Marks whose reader is gone are removed. [] when the folder
+    is gone or holds no mark."""
+    folder = os.fspath(folder)
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(READER_PREFIX)]
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # released meanwhile
+            continue
+        try:
+            body = _parse(RunLock._read(fd)) or {}
+            alive = None
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    alive = False  # nobody holds its shared lock: the reader ended without releasing
+                except OSError as exc:
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        alive = True
+                    elif exc.errno not in _NO_FLOCK:
+                        raise
+            if alive is None:  # no flock here: the pid on this host, or the mark's age on another
+                if body.get("host") == socket.gethostname():
+                    alive = _pid_alive(int(body.get("pid", -1)))
+                else:
+                    alive = time.time() - os.fstat(fd).st_mtime < _STALE_UNCHECKABLE_S
+            if alive:
+                out.append(body)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        finally:
+            os.close(fd)
+    return out
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, wait_s: float = 30.0):
+    """An exclusive flock on the folder itself (no file is created: a reader may not write there) for
+    a short block: a pruner's check-then-delete against a reader's place-then-check. Yields whether
+    it is held: False where the folder cannot be opened or flock is refused (some network file
+    systems), or after `wait_s` (a stopped holder), and the block runs anyway: the lock narrows a
+    race, it never stops a run."""
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    held = False
+    if fd is not None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+    try:
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -1,12 +1,26 @@
-"""What `--model PATH` names -> the Hugging Face model folder to load."""
+"""What `--model PATH` names -> the Hugging Face model folder to load.
+
+    path = resolve_model_path("runs/stage0")        # its latest checkpoint, now
+    with hold_model_path("runs/stage0") as path:    # the same, kept from pruning while it loads
+        policy = load_policy(path)
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
 from pebr.errors import CheckpointError
-from pebr.run.checkpoint import _STEP_DIR, ADAPTER_CONFIG, LATEST, find_latest
+from pebr.run.checkpoint import (
+    _STEP_DIR,
+    ADAPTER_CONFIG,
+    LATEST,
+    find_latest,
+    mark_reading,
+)
+
+log = logging.getLogger("pebr")
 
 _STAGE_DIR = re.compile(r"stage([0-9]+)")
 
@@ -71,3 +85,38 @@ def _is_hf_folder(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and "model_type" in doc
+
+
+class HeldModel:
+    """A resolved `--model` (`.path`) marked as being read (pebr.run.checkpoint.mark_reading) until
+    `release()` or the end of a `with` block; a context manager, released at most once."""
+
+    def __init__(self, path: str, mark):
+        self.path, self._mark = path, mark
+
+    def release(self) -> None:
+        mark, self._mark = self._mark, None
+        if mark is not None:
+            mark.release()
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold_model_path(path: str | os.PathLike, *, tries: int = 5) -> HeldModel:
+    """resolve_model_path(path), kept from pruning until released: what a reader of a run that is
+    still training (pebr.eval --model OUT/stage0) loads from. A checkpoint pruned between being
+    resolved and being marked means a newer one was saved: PATH is resolved again (at most `tries`
+    times; a PATH naming that very checkpoint then says it no longer exists)."""
+    for attempt in range(tries):
+        found = resolve_model_path(path)
+        try:
+            return HeldModel(found, mark_reading(found))
+        except FileNotFoundError:
+            log.info(f"--model {path}: {found} was removed (pruned by its run) before it could be marked; "
+                     f"resolving again")
+    raise CheckpointError(f"--model {path}: its latest checkpoint was removed {tries} times before it could be "
+                          f"loaded (a run saving faster than it loads?); try again")
