@@ -12,6 +12,7 @@ imports pebr catches them like any other exception.
       DivergedError            updates keep coming out non-finite, or the weights did
       Interrupted              SIGTERM / SIGINT: the run stopped at a step boundary with a checkpoint
       CheckpointError(ValueError)  a checkpoint that must not be loaded or could not be written
+        DiskFullError(OSError)     ... for want of space (errno ENOSPC, as the OSError it also is)
 
 The ValueError bases keep `except ValueError` in older callers working.
 """
@@ -36,6 +37,15 @@ class MissingPolicyError(PebrError):
 
 class CheckpointError(PebrError, ValueError):
     """A checkpoint that must not be loaded or could not be written; the message says why."""
+
+
+class DiskFullError(OSError, CheckpointError):
+    """A checkpoint could not be written for want of space: an OSError with errno ENOSPC (what a
+    caller catching the OS's error expects) and a CheckpointError (what a command prints as one
+    line). str(): the message alone, without the `[Errno 28]` prefix."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class RunLockError(PebrError):

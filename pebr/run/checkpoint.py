@@ -32,9 +32,11 @@ killed reader's mark holds no lock and counts for nothing.
 The model folder is an ordinary `save_pretrained` folder: transformers loads it as is.
 
 A failed write (a full disk, an error on any rank) removes its temp folder and raises on every
-rank: OSError ENOSPC "no space left on device ..." when the disk is full, whatever words the
-writer used (torch.save says `basic_ios::clear: iostream error`); `latest` still names the
-previous checkpoint.
+rank: DiskFullError (an OSError ENOSPC) "no space left on device ..." when the disk is full,
+whatever words the writer used (torch.save says `basic_ios::clear: iostream error`); `latest` still
+names the previous checkpoint. Before a save, when the disk has less free space than the last
+checkpoint took, the older checkpoints --keep-checkpoints would keep are pruned down to the one
+`latest` names, with a log line.
 
 Each checkpoint records every file's size and a CRC-32 of its first and last 64 KiB
 (`manifest.json`, written last); a checkpoint whose files do not match (a file cut short by a full
@@ -66,7 +68,7 @@ import zlib
 import numpy as np
 import torch
 
-from pebr.errors import CheckpointError  # noqa: F401  (raised here; importable from here as before)
+from pebr.errors import CheckpointError, DiskFullError  # noqa: F401  (CheckpointError importable from here as before)
 from pebr.run.lock import ReaderMark, describe, folder_lock, live_readers
 
 try:  # torch.distributed.checkpoint's error derives from BaseException: `except Exception` misses it
@@ -359,6 +361,10 @@ class Checkpointer:
         tmp, error = None, None
         if world.is_main:
             try:
+                self._make_room()
+            except OSError as exc:  # the save itself says whether room was missing
+                log.warning(f"checkpoints: could not make room in {self.root} before saving: {_one_line(exc)}")
+            try:
                 tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=self.root)
             except OSError as exc:
                 error = exc
@@ -395,6 +401,24 @@ class Checkpointer:
             self._prune(keep_name=os.path.basename(final))
         world.barrier()  # nobody returns before the checkpoint is visible
         return final
+
+    def _make_room(self) -> None:
+        """Before a save: when the disk has less free space than the last checkpoint took, the
+        checkpoints --keep-checkpoints would still keep are pruned down to the one `latest` names
+        first, with a log line (a save then fails only when one checkpoint's room is missing)."""
+        try:
+            latest = find_latest(self.root)
+        except CheckpointError:  # a pointer it will not follow: leave the folder as it is
+            return
+        if latest is None or len(self.steps()) < 2:
+            return
+        need, free = _tree_size(latest), _free_bytes(self.root)
+        if free is None or free >= need:
+            return
+        freed = self._prune(keep_name=os.path.basename(latest), keep=1)
+        log.warning(f"checkpoints: {_size(free)} free in {self.root}, less than the last checkpoint's {_size(need)}: "
+                    f"pruned below --keep-checkpoints {self.keep} to {os.path.basename(latest)} before saving "
+                    f"({_size(freed)} freed)")
 
     def _write_parts(self, tmp: str, policy, state: dict, world, optimizer, rng: dict | None, model_state,
                      merged: bool = True) -> None:
@@ -435,10 +459,11 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step}: another rank failed to write its part (its error says "
                                   f"why); the partial checkpoint was removed, {kept}")
         if _is_disk_full(error, free):
-            raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint step {step} to {self.root} "
-                                        f"({_size(free)} free; the writer said: {_one_line(error)}); the partial "
-                                        f"checkpoint was removed, {kept}; free some space (or lower "
-                                        f"--keep-checkpoints) and --resume") from error
+            need = f"; needs about {_size(_tree_size(prev))}, the last checkpoint's size" if prev else ""
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing checkpoint step {step} to "
+                                              f"{self.root} ({_size(free)} free{need}; the writer said: "
+                                              f"{_one_line(error)}); the partial checkpoint was removed, {kept}; free "
+                                              f"some space (or lower --keep-checkpoints) and --resume") from error
         raise CheckpointError(f"checkpoint step {step} could not be written to {self.root}: {type(error).__name__}: "
                               f"{_one_line(error)}; the partial checkpoint was removed, {kept}") from error
 
