@@ -46,17 +46,41 @@ def _install() -> None:
     def counting_run(self, *args, grid, warmup, **kwargs):
         sig = inspect.signature(self.fn)
         bound = sig.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+        gpu_runtime = _interpreter_only_constexprs(self.fn)
         key = []
         for name, param in sig.parameters.items():
             if name in bound.arguments:
                 ann = param.annotation
                 constexpr = ann is tl.constexpr or (isinstance(ann, str) and "constexpr" in ann)
-                key.append((name, _arg_key(bound.arguments[name], constexpr)))
+                key.append((name, _arg_key(bound.arguments[name], constexpr and name not in gpu_runtime)))
         options = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in sig.parameters))
         _KEYS.setdefault(self.fn.__name__, set()).add((tuple(key), options))
         return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = counting_run
+
+
+_ALIAS_CACHE: dict = {}
+
+
+def _interpreter_only_constexprs(fn) -> set[str]:
+    """Arguments annotated with a module's own `constexpr` alias (`tl.constexpr` in the interpreter,
+    None compiled: triton_kernels/token_logprobs.py's V) are runtime integers on a GPU: counted so."""
+    if fn not in _ALIAS_CACHE:
+        import ast
+        import inspect
+        import textwrap
+
+        names = set()
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+            for arg in tree.body[0].args.args:
+                if isinstance(arg.annotation, ast.Name) and arg.annotation.id == "constexpr":
+                    names.add(arg.arg)
+        except (OSError, TypeError, SyntaxError):
+            pass
+        _ALIAS_CACHE[fn] = names
+    return _ALIAS_CACHE[fn]
 
 
 def counts() -> dict[str, int]:
