@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = GRPOTrainer(cfg, policy=policy, reference=reference, items=items, reward_fn=reward,
                               run_dir=run_dir, init_model=None, world=World(), log=lambda *a, **k: None)
-        trainer.save = lambda: None
+        trainer.save = lambda **_: None
         timer = PhaseTimer(device)
         instrument(trainer, timer)
         rows = []
