@@ -385,7 +385,8 @@ def main(argv=None) -> int:
         rows.append(r)
         g = r["gib"]
         print(f"{arm}: states {g['states']:.2f} GiB (weights {g['weights']:.2f}, grads {g['gradients']:.2f}, "
-              f"AdamW {g['adamw']:.2f}, reference {g['reference']:.2f}) | working {g['working']:.2f} GiB | peak RSS "
+              f"AdamW {g['adamw']:.2f}, reference {g['reference']:.2f}) | working {g['working']:.2f} GiB ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in g["working_by_phase"].items()) + ") | peak RSS "
               f"{g['peak_rss']:.2f} GiB | step {r['step_s']:.1f} s | {r['response_tokens']} response tokens, "
               f"{r['tokens_per_s']:.2f} tokens/s", flush=True)
     print(f"{args.size}, {args.layers} decoder layers, {args.vision_blocks} vision blocks, {args.dtype}, "
