@@ -198,6 +198,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (older ones removed)")
     max_skipped_updates: int = opt(3, "stop with an error after this many optimizer updates in a row skipped for a non-finite "
                                       "gradient (a diverged run; 0: never stop)")
+    max_weight_growth: float = opt(10.0, "refuse to save, and stop with an error, when the largest |weight| grew more than this "
+                                         "many times since the last checkpoint (or the starting weights): a finite blow-up "
+                                         "(0: never)")
     progress: bool = opt(True, "tqdm progress bar with the running reward")
     log_every: int = opt(10, "one line per this many steps (step, reward, accuracy, loss, kl, step time) to the log and train.log")
     tensorboard: bool = opt(False, "also write TensorBoard event files to <stage folder>/tensorboard (needs the tensorboard package)")
@@ -216,6 +219,8 @@ class TrainConfig:
             raise ValueError(f"mini_batch ({self.mini_batch}) must divide rollout_batch ({self.rollout_batch})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not self.max_weight_growth >= 0:
+            raise ValueError(f"max_weight_growth must be >= 0 (0: never refuse), got {self.max_weight_growth}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.temperature < 0:
@@ -312,8 +317,8 @@ def preset(name: str, stage: int = 1) -> TrainConfig:
 # Fields a resumed run may change: where and how long it runs, how it reports and saves, how it is
 # sharded. Every other field defines what the run computes and must match the run being resumed.
 RESUME_MAY_CHANGE = frozenset({
-    "resume", "max_steps", "save_every", "keep_checkpoints", "max_skipped_updates", "progress", "log_every",
-    "tensorboard", "device", "dist_backend", "cpu_offload", "gradient_checkpointing", "output_dir", "model",
+    "resume", "max_steps", "save_every", "keep_checkpoints", "max_skipped_updates", "max_weight_growth", "progress",
+    "log_every", "tensorboard", "device", "dist_backend", "cpu_offload", "gradient_checkpointing", "output_dir", "model",
 })
 _SECTION_FLAG = {"sft": "--sft-", "sampling": "--sampling-", "optimizer": "--", "lora": "--lora-"}
 

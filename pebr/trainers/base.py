@@ -60,6 +60,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def weight_scale(model) -> tuple[float, list[str]]:
+    """(the largest |w| over this rank's part of `model`'s finite parameters, the names of those
+    holding a non-finite value): one max-norm reduction per parameter, one copy to the host."""
+    names, norms = [], []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = _local(p)
+            if t.numel():
+                names.append(name)
+                norms.append(torch.linalg.vector_norm(t, ord=float("inf"), dtype=torch.float32))
+    if not norms:
+        return 0.0, []
+    values = torch.stack(norms).cpu()
+    finite = torch.isfinite(values)
+    bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+    return float(values[finite].max()) if bool(finite.any()) else 0.0, bad
+
+
 def _as_float(x) -> float:
     """A float from a tensor, a DTensor (FSDP's grad norm) or a number."""
     if hasattr(x, "full_tensor"):
@@ -128,6 +146,9 @@ class Trainer:
         self.opt, self.sched = build_optimizer(model, lr=lr, weight_decay=cfg.optimizer.weight_decay,
                                                betas=cfg.optimizer.betas, warmup_steps=warmup_steps)
         self.ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+        # the largest |w| of the weights this run starts from (a resumed run: its checkpoint's), then of
+        # each checkpoint saved: a save whose weights grew past --max-weight-growth times it is refused
+        self.max_abs_weight = float(self.world.max([weight_scale(model)[0]])[0])
         self.step = 0
         self.skipped_in_a_row = 0  # optimizer updates skipped for a non-finite gradient, consecutively
         self.history: list[dict] = []
@@ -152,19 +173,34 @@ class Trainer:
             "init_model": self.init_model,
             "stage": self.stage,
             "world_size": self.world.world_size,
+            "max_abs_weight": self.max_abs_weight,
         }
 
     def save(self, *, final: bool = False) -> str:
-        """A checkpoint of this step; DivergedError instead when the weights are not all finite, so a
-        blown-up model never replaces a good checkpoint (nor pushes one out under --keep-checkpoints).
-        final: the stage's last checkpoint; with LoRA it also holds the merged model (a plain HF folder
-        the next stage and transformers load alone), the others the adapter only."""
-        bad = [n for n, p in self.policy.model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
-        if self.world.max([float(len(bad))])[0] > 0:  # every rank decides alike: none saves alone
+        """A checkpoint of this step; DivergedError instead when the weights are not all finite, or
+        finite but blown up (the largest |w| grew more than --max-weight-growth times since the last
+        checkpoint, or the starting weights), so such a model never replaces a good checkpoint (nor
+        pushes one out under --keep-checkpoints). final: the stage's last checkpoint; with LoRA it also
+        holds the merged model (a plain HF folder the next stage and transformers load alone), the
+        others the adapter only."""
+        scale, bad = weight_scale(self.policy.model)
+        n_bad, scale = self.world.max([float(len(bad)), scale]).tolist()  # every rank decides alike: none saves alone
+        if n_bad > 0:
             raise DivergedError(f"step {self.step}: the weights hold non-finite values ({', '.join(bad[:3]) or 'on another rank'}"
                                 f"{', ...' if len(bad) > 3 else ''}); not saved over the last good checkpoint")
-        return self.ckpt.save(self.step, self.policy, self.state_dict(), world=self.world, optimizer=self.opt,
-                              rng=rng_state(), merged=final or self.policy.adapter is None)
+        growth = self.cfg.max_weight_growth
+        if growth and self.max_abs_weight > 0 and scale > growth * self.max_abs_weight:
+            raise DivergedError(f"step {self.step}: the weights blew up: the largest |w| is {scale:.3g}, "
+                                f"{scale / self.max_abs_weight:.3g} times the last checkpoint's (or the starting "
+                                f"weights') {self.max_abs_weight:.3g}, more than --max-weight-growth {growth:g}; not "
+                                f"saved over the last good checkpoint: lower the learning rate, or resume from it")
+        previous, self.max_abs_weight = self.max_abs_weight, scale
+        try:
+            return self.ckpt.save(self.step, self.policy, self.state_dict(), world=self.world, optimizer=self.opt,
+                                  rng=rng_state(), merged=final or self.policy.adapter is None)
+        except BaseException:
+            self.max_abs_weight = previous  # not saved: the last checkpoint is still the reference
+            raise
 
     def resume_from(self, path: str) -> None:
         state = load_trainer_state(path)
