@@ -65,7 +65,48 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float 
                          f"(targets {', '.join(targets)}{', vision blocks' if vision else ''}): {exc}") from None
     if wrapper.base_model.model is not model:  # we rely on the injection being in place (module docstring)
         raise RuntimeError("peft.get_peft_model did not adapt the model in place")
+    compute_in_base_dtype(model)
     return wrapper
+
+
+def compute_in_base_dtype(model: torch.nn.Module) -> int:
+    """Over a bf16 / fp16 base, PEFT keeps the adapters in fp32 (AdamW needs fp32 weights: a bf16
+    weight loses updates below 1/256 of itself) and casts each adapted layer's input to fp32 before
+    the adapter: a copy of every adapted projection's input ([tokens, in] fp32; q, k and v each
+    their own) that autograd keeps for the backward, 0.13 GiB a layer per 1,300 tokens at
+    Qwen2.5-VL-3B's widths. Here the cast goes the other way, on the small weights: the adapter
+    branch runs under autocast in the base's dtype (fp32 master weights, fp32 gradients, the input
+    kept as it is, the same tensor the base layer saved). -> how many layers were switched.
+    Layers whose base is fp32 are left alone (nothing to save, and fp32 stays fp32)."""
+    from peft.tuners.lora import LoraLayer
+
+    switched = 0
+    for m in model.modules():
+        if not isinstance(m, LoraLayer) or getattr(m, "_pebr_base_dtype", None) is not None:
+            continue
+        base = m.get_base_layer().weight.dtype
+        if base not in (torch.bfloat16, torch.float16):
+            continue
+        m.cast_input_dtype_enabled = False  # PEFT's own switch (peft.helpers.disable_input_dtype_casting)
+        m._pebr_base_dtype = base
+        m.register_forward_pre_hook(_enter_base_dtype)
+        m.register_forward_hook(_leave_base_dtype, always_call=True)
+        switched += 1
+    return switched
+
+
+def _enter_base_dtype(module, args) -> None:
+    x = args[0] if args else None
+    device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    ctx = torch.autocast(device_type=device, dtype=module._pebr_base_dtype)
+    ctx.__enter__()
+    module.__dict__.setdefault("_pebr_autocast", []).append(ctx)
+
+
+def _leave_base_dtype(module, args, output) -> None:
+    stack = module.__dict__.get("_pebr_autocast")
+    if stack:
+        stack.pop().__exit__(None, None, None)
 
 
 def has_lora(model: torch.nn.Module) -> bool:
