@@ -37,7 +37,7 @@ from pebr.run.model_path import hold_model_path
 
 # ---- command line (flags generated from the config fields: pebr.run.cli)
 
-_RUN = ("model", "data", "output_dir", "max_steps", "resume", "seed", "device", "dtype", "save_every",
+_RUN = ("model", "data", "output_dir", "max_steps", "resume", "allow_changed_settings", "seed", "device", "dtype", "save_every",
         "keep_checkpoints", "max_skipped_updates", "max_weight_growth", "progress", "log_every", "tensorboard")
 _SCALE_OUT = ("dist_backend", "cpu_offload", "gradient_checkpointing")
 _MODEL = ("model_size", "text_layers", "vision_blocks", "image_size")

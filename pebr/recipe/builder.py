@@ -128,19 +128,57 @@ def resume_point(cfg: TrainConfig, sdir: str, world) -> tuple[Checkpointer, str 
 
 def check_resume(cfg: TrainConfig, latest: str) -> None:
     """ConfigError naming each flag whose value differs from the checkpoint's run (pebr.recipe.config
-    .resume_conflicts), and --model naming another starting policy than the one the run started from:
-    a resumed run computes what the run it continues did, and records what it runs."""
-    from pebr.recipe.config import resume_conflicts
+    .resume_changes), and --model naming another starting policy than the one the run started from:
+    a resumed run computes what the run it continues did, and records what it runs. With
+    --allow-changed-settings each difference is logged instead and the run goes on with the new
+    values (recorded by the trainer: _record_changes); the weights' shapes (RESUME_SHAPE_FIELDS)
+    cannot change either way."""
+    lines, _, fixed = _differences(cfg, latest)
+    if not lines:
+        return
+    if not cfg.allow_changed_settings:
+        raise ConfigError(f"--resume from {latest}: {'; '.join(lines)}; resume with the run's own settings, "
+                          f"start the stage again without --resume, or pass --allow-changed-settings to go on "
+                          f"with the new values")
+    if fixed:
+        raise ConfigError(f"--resume from {latest}: {'; '.join(fixed)}: the checkpoint's weights have the shapes its "
+                          f"own values give, so --allow-changed-settings cannot change them; start the stage again "
+                          f"without --resume")
+    for line in lines:
+        log.warning(f"--resume --allow-changed-settings: {line}: going on with the new value")
+
+
+def _differences(cfg: TrainConfig, latest: str) -> tuple[list[str], list[dict], list[str]]:
+    """How a resumed run's settings differ from its checkpoint's -> (one line each, {"flag", "from",
+    "to"} each, the lines of those that set the weights' shapes)."""
+    from pebr.recipe.config import RESUME_SHAPE_FIELDS, resume_changes
 
     state = load_trainer_state(latest)
-    conflicts = resume_conflicts(cfg, state.get("config") or {})
+    changes = resume_changes(cfg, state.get("config") or {})
+    lines = [str(c) for c in changes]
+    records = [{"flag": c.flag, "from": c.old, "to": c.new} for c in changes]
     started = state.get("init_model") if cfg.stage else (state.get("config") or {}).get("model")
     if cfg.model and (started is None or os.path.realpath(cfg.model) != os.path.realpath(started)):
-        conflicts.append(f"--model {cfg.model} (the run being resumed started from "
-                         f"{started or 'a policy built at random init'})")
-    if conflicts:
-        raise ConfigError(f"--resume from {latest}: {'; '.join(conflicts)}; resume with the run's own settings, "
-                          f"or start the stage again without --resume")
+        lines.append(f"--model {cfg.model} (the run being resumed started from "
+                     f"{started or 'a policy built at random init'})")
+        records.append({"flag": "--model", "from": started, "to": cfg.model})
+    return lines, records, [str(c) for c in changes if c.field in RESUME_SHAPE_FIELDS]
+
+
+def resumed_init_model(cfg: TrainConfig, latest: str) -> str | None:
+    """The starting policy of a resumed stage (its KL reference, its LoRA base): the one its
+    checkpoint records, or --model where --allow-changed-settings lets it change."""
+    if cfg.allow_changed_settings and cfg.model:
+        return cfg.model
+    return load_trainer_state(latest).get("init_model")
+
+
+def _record_changes(trainer, cfg: TrainConfig, latest: str) -> None:
+    """A resumed trainer's record of the settings --allow-changed-settings let change, kept in every
+    checkpoint it saves (trainer_state.json "settings_changed": one entry per such resume)."""
+    records = _differences(cfg, latest)[1] if cfg.allow_changed_settings else []
+    if records:
+        trainer.settings_changed.append({"step": trainer.step, "changed": records})
 
 
 def prepare_stage_folder(sdir: str, ckpts: Checkpointer, *, latest: str | None, world, config: dict | None) -> None:
@@ -172,6 +210,7 @@ def build_grpo_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Check
                           metrics_log=open_stage_metrics(sdir, fresh=not latest, world=world, tensorboard=cfg.tensorboard))
     if latest:
         trainer.resume_from(latest)
+        _record_changes(trainer, cfg, latest)
     return trainer
 
 
@@ -209,4 +248,5 @@ def build_sft_trainer(cfg: TrainConfig, world, *, sdir: str, checkpoints: Checkp
                          metrics_log=open_stage_metrics(sdir, fresh=not latest, world=world, tensorboard=cfg.tensorboard))
     if latest:
         trainer.resume_from(latest)
+        _record_changes(trainer, cfg, latest)
     return trainer

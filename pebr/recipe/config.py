@@ -153,6 +153,11 @@ class TrainConfig:
     max_steps: int | None = opt(None, "optimizer steps of this stage; none: the epochs below (a warm-up run first "
                                       "by stage 1 is sized by the --sft-* flags)")
     resume: bool = opt(False, "continue from OUT/stage{k}'s latest checkpoint (same data order and RNG)")
+    allow_changed_settings: bool = opt(False, "with --resume: go on where a setting that defines the run (learning rate, "
+                                              "group size, data, --model ...) differs from the checkpoint's, instead of "
+                                              "refusing; each change is logged and recorded, and the new values are what "
+                                              "runs (the weights' shapes, --model-size, --text-layers, --vision-blocks and "
+                                              "the LoRA rank, targets and vision, cannot change)")
     dtype: str = opt("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
     device: str = opt("cpu", "cpu, cuda or cuda:N (the command line picks cuda when available)")
 
@@ -317,27 +322,51 @@ def preset(name: str, stage: int = 1) -> TrainConfig:
 # Fields a resumed run may change: where and how long it runs, how it reports and saves, how it is
 # sharded. Every other field defines what the run computes and must match the run being resumed.
 RESUME_MAY_CHANGE = frozenset({
-    "resume", "max_steps", "save_every", "keep_checkpoints", "max_skipped_updates", "max_weight_growth", "progress",
+    "resume", "allow_changed_settings", "max_steps", "save_every", "keep_checkpoints", "max_skipped_updates", "max_weight_growth", "progress",
     "log_every", "tensorboard", "device", "dist_backend", "cpu_offload", "gradient_checkpointing", "output_dir", "model",
 })
 _SECTION_FLAG = {"sft": "--sft-", "sampling": "--sampling-", "optimizer": "--", "lora": "--lora-"}
 
 
-def resume_conflicts(cfg: TrainConfig, saved: dict) -> list[str]:
+# Fields that set the weights' shapes: a checkpoint cannot load under other values, whatever
+# --allow-changed-settings says.
+RESUME_SHAPE_FIELDS = frozenset({"model_size", "text_layers", "vision_blocks", "lora.rank", "lora.targets", "lora.vision"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingChange:
+    """One setting of a resumed run that differs from its checkpoint's: `field` ("group_size",
+    "lora.rank"), the `flag` that sets it, the `new` value and the checkpoint's `old` one (as JSON)."""
+
+    field: str
+    flag: str
+    new: object
+    old: object
+
+    def __str__(self) -> str:
+        return f"{self.flag} {_show_value(self.new)} (the run being resumed has {_show_value(self.old)})"
+
+
+def resume_changes(cfg: TrainConfig, saved: dict) -> list[SettingChange]:
     """How `cfg` differs from the config a checkpoint recorded (its trainer_state.json "config"), in
-    the fields that define the run: ["--group-size 2 (the run being resumed has 4)", ...]. Fields the
-    checkpoint does not record (written by an older version) are not compared."""
+    the fields that define the run. Fields the checkpoint does not record (written by an older
+    version) are not compared."""
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as the checkpoint holds them
     out = []
     for key, value in now.items():
         if key in RESUME_MAY_CHANGE or key not in saved:
             continue
-        pairs = ([(f"{_SECTION_FLAG[key]}{k}", v, saved[key].get(k, v)) for k, v in value.items()]
-                 if isinstance(value, dict) and isinstance(saved[key], dict) else [(f"--{key}", value, saved[key])])
-        for flag, new, old in pairs:
+        pairs = ([(f"{key}.{k}", f"{_SECTION_FLAG[key]}{k}", v, saved[key].get(k, v)) for k, v in value.items()]
+                 if isinstance(value, dict) and isinstance(saved[key], dict) else [(key, f"--{key}", value, saved[key])])
+        for name, flag, new, old in pairs:
             if new != old:
-                out.append(f"{flag.replace('_', '-')} {_show_value(new)} (the run being resumed has {_show_value(old)})")
+                out.append(SettingChange(name, flag.replace("_", "-"), new, old))
     return out
+
+
+def resume_conflicts(cfg: TrainConfig, saved: dict) -> list[str]:
+    """resume_changes as lines: ["--group-size 2 (the run being resumed has 4)", ...]."""
+    return [str(c) for c in resume_changes(cfg, saved)]
 
 
 def _show_value(v) -> str:

@@ -24,11 +24,11 @@ from pebr.recipe.builder import (
     build_sft_trainer,
     make_reward_fn,
     resume_point,
+    resumed_init_model,
 )
 from pebr.recipe.items import fit_context, load_items
 from pebr.recipe.paths import latest_policy_path, stage_dir
 from pebr.recipe.splits import ensure_sampling, sampling_plan, select_split
-from pebr.run.checkpoint import load_trainer_state
 from pebr.run.distributed import World
 from pebr.run.lock import hold
 from pebr.run.log_setup import stage_log
@@ -122,7 +122,7 @@ def run_grpo(cfg: C.TrainConfig, world: World | None = None) -> str:
     with stage_log(sdir, world), hold(sdir, world, log=log.warning):  # one run per stage folder (pebr.run.lock)
         log.info(describe_machine(world.device))
         ckpts, latest = resume_point(cfg, sdir, world)
-        init_model = load_trainer_state(latest)["init_model"] if latest else resolve_init_model(cfg, world)
+        init_model = resumed_init_model(cfg, latest) if latest else resolve_init_model(cfg, world)
         from pebr.model.context_limits import text_only_policy
 
         items = fit_context(load_items(cfg, purpose="rl"), text_only_policy(init_model), max_new_tokens=cfg.max_new_tokens)

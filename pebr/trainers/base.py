@@ -151,6 +151,7 @@ class Trainer:
         self.max_abs_weight = float(self.world.max([weight_scale(model)[0]])[0])
         self.step = 0
         self.skipped_in_a_row = 0  # optimizer updates skipped for a non-finite gradient, consecutively
+        self.settings_changed: list[dict] = []  # resumes that changed settings (--allow-changed-settings)
         self.history: list[dict] = []
 
     # ---- the model, wherever its shards live
@@ -174,6 +175,7 @@ class Trainer:
             "stage": self.stage,
             "world_size": self.world.world_size,
             "max_abs_weight": self.max_abs_weight,
+            "settings_changed": self.settings_changed,
         }
 
     def save(self, *, final: bool = False) -> str:
@@ -206,10 +208,14 @@ class Trainer:
         state = load_trainer_state(path)
         self.step = int(state["step"])
         self.order.position = int(state["data_position"])
+        self.settings_changed = list(state.get("settings_changed") or [])
+        mine = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]  # this run's settings
         self.ckpt.load_optimizer(path, self.policy.model, self.opt, state)
         sched = self.sched.state_dict()
         sched.update(state["scheduler"])
         self.sched.load_state_dict(sched)
+        if self.cfg.allow_changed_settings:  # the new values run, not the checkpoint's (which loading restored)
+            self._use_hyperparameters(mine)
         rng = self.ckpt.load_rng(path, self.world.rank)
         if rng is not None:
             set_rng_state(rng)
@@ -219,6 +225,19 @@ class Trainer:
             self.metrics_log.truncate_after(self.step)
         self.log(f"resumed from {path} at step {self.step} (data position {self.order.position}, "
                  f"written by {state.get('world_size', 1)} rank(s), now {self.world.world_size})")
+
+    def _use_hyperparameters(self, groups: list[dict]) -> None:
+        """Put this run's optimizer settings (`groups`: its param groups before the checkpoint's were
+        loaded) back: weight decay, betas, eps, and the learning rate the scheduler scales from, at
+        the scheduler's restored step. The moments and the step count stay the checkpoint's."""
+        for g, mine in zip(self.opt.param_groups, groups):
+            for key in ("weight_decay", "betas", "eps", "initial_lr"):
+                if key in mine:
+                    g[key] = mine[key]
+        self.sched.base_lrs = [g["initial_lr"] for g in self.opt.param_groups]
+        for g, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+            g["lr"] = base * fn(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
 
     # ---- the loop
 
