@@ -16,6 +16,7 @@ import torch
 import engine.reference as ref_ops
 from pebr import train
 from pebr.data.tasks import generate_items
+from pebr.model.context_limits import text_only_policy
 from pebr.model.forward import image_features
 from pebr.model.lora import (
     ADAPTER_DIR,
@@ -232,6 +233,8 @@ def test_merged_folder_and_peft_adapter_equal_the_adapted_model(base_folder, tmp
     peft = PeftModel.from_pretrained(load_policy(base_folder).model, str(tmp_path / "mid" / ADAPTER_DIR))
     assert torch.equal(logits(peft), adapted)  # PEFT's own loader: the same layers, bit for bit
     assert float((logits(load_policy(tmp_path / "mid").model) - adapted).abs().max()) <= 1e-5 * scale
+    # what a stage reads of its starting policy before loading weights
+    assert text_only_policy(tmp_path / "mid").image_token_id == policy.image_token_id
     # merging is computed independently of PEFT's merge_and_unload: compare the two
     ours = merged_state_dict(policy.model.state_dict(), scaling=8.0 / 4)
     theirs = peft.merge_and_unload().state_dict()

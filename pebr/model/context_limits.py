@@ -101,8 +101,15 @@ def text_only_policy(path: str | os.PathLike):
     `drop_overlong` needs, for a stage that loads the full model only later. The tokenizer is set
     up as `pebr.model.policy.load_policy` sets it up (`load_tokenizer`)."""
     from pebr.model.image_encoder import ImageEncoder
-    from pebr.model.policy import Policy, load_model_config, load_tokenizer
+    from pebr.model.policy import (
+        Policy,
+        adapter_base,
+        is_adapter_only,
+        load_model_config,
+        load_tokenizer,
+    )
 
     path = os.fspath(path)
-    model = types.SimpleNamespace(config=load_model_config(path))
+    # a mid-stage LoRA checkpoint has its tokenizer and preprocessor, its base the model's config
+    model = types.SimpleNamespace(config=load_model_config(adapter_base(path) if is_adapter_only(path) else path))
     return Policy(model=model, tokenizer=load_tokenizer(path), images=ImageEncoder.from_folder(path))

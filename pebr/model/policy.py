@@ -366,13 +366,10 @@ def is_adapter_only(path: str | os.PathLike) -> bool:
             and os.path.isfile(os.path.join(path, ADAPTER_DIR, "adapter_config.json")))
 
 
-def load_adapted_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
-    """A LoRA checkpoint folder (path/adapter in PEFT's format, naming its base folder) -> the base
-    Policy with the adapter merged into its weights (a plain model: generation runs at full speed).
-    CheckpointError when the adapter's base folder is gone."""
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model folder a LoRA checkpoint's adapter names (its adapter_config.json).
+    CheckpointError when the file is unreadable or the folder is gone."""
     import json
-
-    from peft import PeftModel
 
     from pebr.errors import CheckpointError
     from pebr.model.lora import ADAPTER_DIR
@@ -384,9 +381,21 @@ def load_adapted_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.f
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{adapter}: adapter_config.json is unreadable ({type(exc).__name__})") from None
     if not base or not os.path.isdir(base):
-        raise CheckpointError(f"{path} is a LoRA checkpoint whose base model folder {base!r} is gone; "
+        raise CheckpointError(f"{os.fspath(path)} is a LoRA checkpoint whose base model folder {base!r} is gone; "
                               f"restore it, or load a stage's final checkpoint (it holds the merged model)")
-    policy = load_policy(base, dtype=dtype, device=device)
+    return base
+
+
+def load_adapted_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
+    """A LoRA checkpoint folder (path/adapter in PEFT's format, naming its base folder) -> the base
+    Policy with the adapter merged into its weights (a plain model: generation runs at full speed).
+    CheckpointError when the adapter's base folder is gone."""
+    from peft import PeftModel
+
+    from pebr.model.lora import ADAPTER_DIR
+
+    adapter = os.path.join(os.fspath(path), ADAPTER_DIR)
+    policy = load_policy(adapter_base(path), dtype=dtype, device=device)
     merged = PeftModel.from_pretrained(policy.model, adapter, is_trainable=False).merge_and_unload()
     return dataclasses.replace(policy, model=merged)
 
