@@ -74,7 +74,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = apply_preset(build_parser().parse_args(argv), argv)
     with errors_as_exit(settings=True):
-        return _sample(args)
+        from pebr.recipe.splits import SAMPLING_NOT_KEPT
+        from pebr.run.signals import stop_on_signals
+
+        with stop_on_signals("dataset-level sampling", then=SAMPLING_NOT_KEPT):  # one line, exit 143 / 130
+            return _sample(args)
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -188,9 +188,16 @@ def prepare_stage_folder(sdir: str, ckpts: Checkpointer, *, latest: str | None, 
         if not latest:
             ckpts.clear()
         ckpts.sweep()
-        if config is not None:
-            with open(os.path.join(sdir, "config.json"), "w") as f:
-                json.dump(config, f, indent=1)
+        if config is not None:  # under a hidden name first: a signal or a full disk never leaves half of it
+            tmp = os.path.join(sdir, ".config.json.tmp")
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(config, f, indent=1)
+                os.replace(tmp, os.path.join(sdir, "config.json"))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
     world.barrier()
 
 

@@ -33,8 +33,12 @@ from pebr.run.distributed import World
 from pebr.run.lock import hold
 from pebr.run.log_setup import stage_log
 from pebr.run.machine import describe as describe_machine
+from pebr.run.signals import stop_on_signals
 
 log = logging.getLogger("pebr")
+
+
+_NOTHING_RAN = "no step of it had run and nothing half-written was kept; run the command again"
 
 
 def run(cfg: C.TrainConfig, world: World | None = None) -> str:
@@ -52,7 +56,9 @@ def run_sft(cfg: C.TrainConfig, world: World | None = None) -> str:
     """Stage 0 -> path of the warm-up policy (OUT/stage0's latest checkpoint)."""
     world = world or World(device=torch.device(cfg.device))
     sdir = stage_dir(cfg, 0)
-    with stage_log(sdir, world), hold(sdir, world, log=log.warning):  # one run per stage folder (pebr.run.lock)
+    # a signal before the loop (the trainer's own handling takes over inside it) ends the stage at once
+    with (stop_on_signals("the warm-up's set-up (loading its policy and data)", then=_NOTHING_RAN),
+          stage_log(sdir, world), hold(sdir, world, log=log.warning)):  # one run per stage folder (pebr.run.lock)
         log.info(describe_machine(world.device))  # step times mean nothing without the CPU and its vector path
         ckpts, latest = resume_point(cfg, sdir, world)
         trainer = build_sft_trainer(cfg, world, sdir=sdir, checkpoints=ckpts, latest=latest)
@@ -119,7 +125,8 @@ def run_grpo(cfg: C.TrainConfig, world: World | None = None) -> str:
     """Stage 1 or 2 -> path of the final checkpoint."""
     world = world or World(device=torch.device(cfg.device))
     sdir = stage_dir(cfg)
-    with stage_log(sdir, world), hold(sdir, world, log=log.warning):  # one run per stage folder (pebr.run.lock)
+    with (stop_on_signals(f"stage {cfg.stage}'s set-up (loading its policy and items)", then=_NOTHING_RAN),
+          stage_log(sdir, world), hold(sdir, world, log=log.warning)):  # one run per stage folder (pebr.run.lock)
         log.info(describe_machine(world.device))
         ckpts, latest = resume_point(cfg, sdir, world)
         init_model = resumed_init_model(cfg, latest) if latest else resolve_init_model(cfg, world)

@@ -13,6 +13,7 @@ hard items go back to the warm-up.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -99,19 +100,34 @@ def sample_dataset(
     return SamplingResult(k=k, rollouts=rollouts, n_correct=n_correct, splits=splits)
 
 
+SAMPLING_NOT_KEPT = "the sampling was not cached and nothing half-written was kept; run the command again to sample"
+
+
 def write_sampling(result: SamplingResult, folder: str, *, meta: dict | None = None) -> None:
-    """folder/rollouts.jsonl (one line per response) and folder/splits.json (k, counts, ids, meta)."""
+    """folder/rollouts.jsonl (one line per response) and folder/splits.json (k, counts, ids, meta),
+    each written under a hidden name and renamed into place; an earlier splits.json goes first, so
+    a write cut short (a signal, a full disk) leaves no sampling that looks finished."""
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".rollouts.jsonl.tmp")
-    with open(tmp, "w") as f:
-        for r in result.rollouts:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, os.path.join(folder, "rollouts.jsonl"))
-    doc = {"k": result.k, "counts": result.counts, "meta": meta or {}, "n_correct": result.n_correct, **result.splits}
-    tmp = os.path.join(folder, ".splits.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, os.path.join(folder, "splits.json"))  # written last: its presence marks a finished sampling
+    splits, tmp = os.path.join(folder, "splits.json"), None
+    try:
+        if os.path.exists(splits):  # its presence marks a finished sampling: not beside other rollouts
+            os.remove(splits)
+        tmp = os.path.join(folder, ".rollouts.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in result.rollouts:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, os.path.join(folder, "rollouts.jsonl"))
+        doc = {"k": result.k, "counts": result.counts, "meta": meta or {}, "n_correct": result.n_correct,
+               **result.splits}
+        tmp = os.path.join(folder, ".splits.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, splits)  # written last: its presence marks a finished sampling
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
 
 
 def read_splits(folder: str) -> dict | None:
@@ -170,9 +186,11 @@ def ensure_sampling(cfg: TrainConfig, init_model: str, items: list, world=None) 
 
     from pebr.run.distributed import World
     from pebr.run.lock import hold
+    from pebr.run.signals import stop_on_signals
 
     world = world or World(device=torch.device(cfg.device))
-    with hold(sampling_dir(cfg.output_dir), world, log=log.warning):  # the cache is shared by stages
+    with (stop_on_signals("dataset-level sampling", then=SAMPLING_NOT_KEPT),
+          hold(sampling_dir(cfg.output_dir), world, log=log.warning)):  # the cache is shared by stages
         return _ensure_sampling(cfg, init_model, items, world)
 
 
