@@ -131,12 +131,23 @@ def write_sampling(result: SamplingResult, folder: str, *, meta: dict | None = N
 
 
 def read_splits(folder: str) -> dict | None:
-    """splits.json of a finished sampling in `folder`, or None."""
+    """splits.json of a finished sampling in `folder`, or None: also for one that is unreadable or
+    lacks its splits (edited by hand, an older version's), with a log line; it is sampled again."""
     path = os.path.join(folder, "splits.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        doc, why = None, f"unreadable ({type(exc).__name__})"
+    else:
+        why = "without its easy/medium/hard lists, k, counts or meta"
+    if (isinstance(doc, dict) and all(isinstance(doc.get(s), list) for s in SPLITS) and isinstance(doc.get("k"), int)
+            and isinstance(doc.get("meta"), dict) and isinstance(doc.get("counts"), dict)):
+        return doc
+    log.warning(f"{path}: {why}: not a finished sampling; it is not reused")
+    return None
 
 
 # ---- the cache the stages share, and the split a stage trains on
