@@ -423,7 +423,11 @@ def load_tokenizer(path: str | os.PathLike):
 
 def use_engine_kernels(model):
     """Route the vision patch embedding through `engine.ops.patch_embed` (parameters and their
-    names unchanged, so checkpoints save and load as before). Returns `model`."""
+    names unchanged, so checkpoints save and load as before), and give a head tied to the input
+    embedding one dense gradient, not two (pebr.model.tied_embedding). Returns `model`."""
     from engine.patching import patch_model
+    from pebr.model.tied_embedding import install_tied_embedding_grad
 
-    return patch_model(model)
+    model = patch_model(model)
+    install_tied_embedding_grad(model)
+    return model
