@@ -106,6 +106,12 @@ def test_only_adapters_train_and_head_stays_frozen(base_folder):
     head = policy.model.get_output_embeddings()
     assert not head.weight.requires_grad and type(head) is torch.nn.Linear  # full-rank, not adapted
     assert all(not p.requires_grad for p in policy.model.model.visual.parameters())  # vision frozen by default
+    with_vision = load_trained_policy(dataclasses.replace(cfg, lora=C.LoRAConfig(rank=4, vision=True)), World(),
+                                      init_model=base_folder, latest=None)
+    adapted = {n.split(".lora_")[0] for n, p in with_vision.model.named_parameters() if p.requires_grad}
+    blocks = len(with_vision.model.model.visual.blocks)
+    assert sum("visual.blocks." in n for n in adapted) == 5 * blocks  # qkv, proj, gate, up, down per block
+    assert not any("merger" in n or "patch_embed" in n for n in adapted)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
