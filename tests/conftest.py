@@ -72,3 +72,13 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The built-in tiny policy (seed 0) saved as a model folder, once per test module."""
+    from pebr.model.policy import build_tiny_policy
+
+    path = tmp_path_factory.mktemp("tiny_policy")
+    build_tiny_policy(seed=0).save(path)
+    return str(path)

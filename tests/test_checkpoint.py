@@ -11,20 +11,13 @@ import torch
 
 from pebr import train
 from pebr.data.order import DataOrder
+from pebr.model.policy import load_policy
 from pebr.run.checkpoint import Checkpointer, load_trainer_state
 from pebr.run.metrics_log import read_metrics
-from pebr.model.policy import build_tiny_policy, load_policy
 
 # A GRPO run small enough for seconds: 2 prompts x n=2, 12-token responses.
 MICRO = ["-n", "2", "--rollout-batch", "2", "--micro-batch", "4", "--max-new-tokens", "12", "--sampling-items", "4",
          "--sampling-k", "2", "--split", "all", "--no-progress", "--lr", "1e-3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_policy")
-    build_tiny_policy(seed=0).save(path)
-    return str(path)
 
 
 def test_data_order_is_reproducible():

@@ -42,10 +42,9 @@ MICRO = ["-n", "2", "--rollout-batch", "2", "--micro-batch", "4", "--max-new-tok
 
 
 @pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lora_base")
-    build_tiny_policy(seed=0).save(path)
-    return str(path)
+def base_folder(tiny_folder):
+    """The base the adapters adapt: the tiny policy's folder (tests/conftest.py)."""
+    return tiny_folder
 
 
 def _cfg(**kw):
