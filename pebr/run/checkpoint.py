@@ -436,10 +436,7 @@ class Checkpointer:
         if rng is not None:
             torch.save(rng, os.path.join(tmp, f"rng_rank{world.rank}.pt"))
         if world.is_main:
-            if getattr(policy, "adapter", None) is not None:
-                policy.save(tmp, state_dict=model_state, merged=merged)
-            else:
-                policy.save(tmp, state_dict=model_state)
+            policy.save(tmp, state_dict=model_state, merged=merged)  # merged: LoRA's alone (Policy.save)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=1)
 
